@@ -1,0 +1,1 @@
+"""The bundled detector: RetinaNet and its variants on torchvision's detection components."""
