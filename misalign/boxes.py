@@ -1,0 +1,40 @@
+"""Box formats and IoU in NumPy, COCO convention (no "+1" on widths).
+
+COCO JSON stores `[x, y, w, h]`; everything inside misalign is `x1, y1, x2, y2` in pixels of the
+original image. These two functions are the one place where the formats meet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
+    """[N, 4] x, y, w, h -> [N, 4] x1, y1, x2, y2 (same dtype)."""
+    boxes = np.asarray(boxes)
+    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:4]], axis=1)
+
+
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """[N, 4] x1, y1, x2, y2 -> [N, 4] x, y, w, h (same dtype)."""
+    boxes = np.asarray(boxes)
+    return np.concatenate([boxes[:, :2], boxes[:, 2:4] - boxes[:, :2]], axis=1)
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    """[N, 4] xyxy -> [N] area; inverted boxes count as 0."""
+    wh = np.clip(boxes[:, 2:4] - boxes[:, :2], 0, None)
+    return wh[:, 0] * wh[:, 1]
+
+
+def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
+    """[N, 4], [M, 4] xyxy -> [N, M] IoU in float64. Empty inputs give an empty matrix."""
+    boxes1 = np.asarray(boxes1, dtype=np.float64).reshape(-1, 4)
+    boxes2 = np.asarray(boxes2, dtype=np.float64).reshape(-1, 4)
+    top_left = np.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # [N, M, 2]
+    bottom_right = np.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])  # [N, M, 2]
+    wh = np.clip(bottom_right - top_left, 0, None)
+    inter = wh[..., 0] * wh[..., 1]  # [N, M]
+    union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
