@@ -46,7 +46,114 @@ def data() -> None:
     """Write the built-in shapes dataset, or check a COCO dataset."""
 
 
+@data.command("shapes")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write (replaced if it holds an earlier shapes dataset).")
+@click.option("--num-train", default=1000, show_default=True, type=click.IntRange(min=0), help="Training images.")
+@click.option("--num-val", default=200, show_default=True, type=click.IntRange(min=0), help="Validation images.")
+@click.option("--image-size", default=160, show_default=True, type=click.IntRange(min=64), help="Side of the square images, pixels.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Same seed, same bytes.")
+def data_shapes(out: str, num_train: int, num_val: int, image_size: int, seed: int) -> None:
+    """Write the built-in shapes dataset in COCO's layout."""
+    from detector.shapes import write_shapes_dataset
+
+    path = write_shapes_dataset(out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+    click.echo(f"wrote {path} ({num_train} train + {num_val} val images); check it with: misalign data check --data {path} --split val")
+
+
+@data.command("check")
+@click.option("--data", "data_dir", type=click.Path(), help="Dataset folder in COCO's layout.")
+@click.option("--split", default="val", show_default=True, help="Split: DATA/annotations/instances_SPLIT.json and DATA/SPLIT/.")
+@click.option("--ann", type=click.Path(), help="Annotation file (instead of --data/--split).")
+@click.option("--images", type=click.Path(), help="Image folder that goes with --ann.")
+def data_check(data_dir, split, ann, images) -> None:
+    """Check a COCO dataset and summarise it (exit 2 unless usable).
+
+    Usable means: the annotation file is valid COCO JSON, it lists at least one image, and every
+    listed image file exists and decodes. Empty images, crowd boxes, degenerate boxes, boxes
+    reaching outside the image and size mismatches are reported but allowed.
+    """
+    from misalign.coco import check_dataset, format_summary, resolve_dataset
+
+    ann_path, images_dir = resolve_dataset(data=data_dir, split=split, ann=ann, images=images)
+    summary = check_dataset(ann_path, images_dir)
+    click.echo(format_summary(summary))
+    if not summary.usable:
+        raise InputError(summary.error)
+
+
 # --- train ------------------------------------------------------------------------------------
+
+
+def _parse_model_options(pairs: tuple[str, ...]) -> dict:
+    """("num_convs=2", "norm=group") -> {"num_convs": 2, "norm": "group"} (values read as JSON if they can be)."""
+    import json
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--model-option: expected KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+@main.command("train", context_settings={"max_content_width": 100})
+@click.option("--model", default="retinanet", show_default=True,
+              help="Detector: retinanet, retinanet-conf, iou-aware, ... (see detector.build_model).")
+@click.option("--data", type=click.Path(), help="Dataset folder in COCO layout (annotations/instances_SPLIT.json, SPLIT/).")
+@click.option("--split", default="train", show_default=True, help="Training split of --data.")
+@click.option("--ann", type=click.Path(), help="Training annotation file (instead of --data/--split).")
+@click.option("--images", type=click.Path(), help="Training image folder (with --ann).")
+@click.option("--val-split", default="val", show_default=True,
+              help="Split of --data evaluated at the end into RUN/eval.json ('' or missing: no evaluation).")
+@click.option("--out", type=click.Path(), help="Run folder: log.csv, checkpoint.pt, eval.json "
+              "(default with --resume: the checkpoint's folder).")
+@click.option("--backbone", help="resnet18 | resnet34 | resnet50 | resnet101. Default: resnet50 (paper); "
+              "resnet18 in the CPU recipe.")
+@click.option("--pretrained", is_flag=True, help="Start the backbone from torchvision's ImageNet weights (downloads once).")
+@click.option("--backbone-weights", type=click.Path(), help="Start the backbone from a local state-dict file.")
+@click.option("--epochs", type=int, help="Epochs. Default: 12 (1x) or 24 (2x); 6 in the CPU recipe.")
+@click.option("--schedule", default="1x", show_default=True,
+              help="1x or 2x: default epochs; lr ×0.1 at 8/12 and 11/12 of the run either way.")
+@click.option("--batch-size", type=int, help="Images per step over all processes. Default: 16 (paper); 8 (CPU recipe).")
+@click.option("--lr", type=float, help="Base learning rate. Default: 0.01 × batch-size / 16.")
+@click.option("--img-size", type=int, help="Shorter image side in pixels. Default: 600 (paper); 160 (CPU recipe).")
+@click.option("--max-size", type=int, help="Longer image side at most. Default: 1000 (paper); 160 (CPU recipe).")
+@click.option("--workers", type=int, default=2, show_default=True, help="Data-loader processes (0: main process).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
+@click.option("--amp", default="none", show_default=True, help="none | bf16 | fp16 autocast (GPU only).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights, the data order and augmentation.")
+@click.option("--resume", type=click.Path(), help="RUN/checkpoint.pt to continue from (same next batch, same lr).")
+@click.option("-o", "--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
+              help="Extra build_model option, repeatable (e.g. -o alpha=0.5 -o detach_iou_target=false).")
+def train_command(model, data, split, ann, images, val_split, out, backbone, pretrained, backbone_weights, epochs,
+                  schedule, batch_size, lr, img_size, max_size, workers, device, amp, seed, resume, model_options):
+    """Train a bundled detector (RetinaNet and variants); writes RUN/log.csv, checkpoint.pt, eval.json.
+
+    With no --backbone/--img-size/--max-size on a CPU, a small recipe (resnet18, 160 px, 6 epochs,
+    batch 8) learns the shapes dataset in minutes; otherwise the paper's (resnet50, 1000×600,
+    12 epochs, batch 16, lr 0.01). Several GPUs: torchrun --nproc_per_node N --no-python misalign train ...
+    """
+    from pathlib import Path
+
+    from detector.train import TrainConfig, train
+
+    if out is None:
+        if resume is None:
+            raise InputError("--out: give the run folder (e.g. --out runs/retinanet)")
+        out = str(Path(resume).parent)
+    config = TrainConfig(
+        model=model, data=data, split=split, ann=ann, images=images, val_split=val_split or None, out=out,
+        backbone=backbone, pretrained=pretrained, backbone_weights=backbone_weights, epochs=epochs,
+        schedule=schedule, batch_size=batch_size, lr=lr, img_size=img_size, max_size=max_size, workers=workers,
+        device=device, amp=amp, seed=seed, resume=resume, model_options=_parse_model_options(model_options),
+    )
+    run_dir = train(config)
+    click.echo(str(run_dir))
+
 
 # --- dump / import ----------------------------------------------------------------------------
 

@@ -1,0 +1,142 @@
+"""From head outputs to candidates, NMS survivors and detections — one code path for eval and ledger.
+
+For one image: per FPN level, every (anchor, class) pair gets a ranking score (the class
+probability, or the joint obj^e · cls^(1−e) score of a branch model); pairs with score >
+`score_thresh` enter, at most `topk` per level; their boxes are decoded and clipped; class-wise NMS
+(torchvision's `batched_nms`) picks survivors; the `max_det` best survivors are the detections.
+Boxes are x1, y1, x2, y2 in pixels of the resized (network input) image.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.models.detection import _utils as det_utils
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+
+log = logging.getLogger(__name__)
+
+# Losers processed per block when looking for their suppressor (bounds the [L, S] IoU matrix).
+_SUPPRESSOR_BLOCK = 2048
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    score_thresh: float = 0.05  # a pair enters NMS only with score > score_thresh
+    topk: int = 1000  # at most this many pairs per FPN level enter NMS
+    nms_thresh: float = 0.5  # NMS drops a box whose IoU with a better one of its class is > this
+    max_det: int = 100  # detections kept per image after NMS
+    obj_exponent: float | None = None  # e in obj^e · cls^(1−e); None: rank by cls alone
+    conf_skip_p7: bool = False  # original RetinaNet-Conf code: the last level ranks by cls alone
+
+
+def joint_score(cls_prob: Tensor, obj_prob: Tensor, obj_exponent: float) -> Tensor:
+    """obj^e · cls^(1−e): cls_prob [A, C], obj_prob [A] -> [A, C]."""
+    return obj_prob.unsqueeze(-1).pow(obj_exponent) * cls_prob.pow(1.0 - obj_exponent)
+
+
+def _select_level(score: Tensor, settings: PostprocessSettings) -> tuple[Tensor, Tensor]:
+    """Pairs of one level entering NMS: score [A_l, C] -> (flat indices [K_l], their scores [K_l])."""
+    flat = score.flatten()  # [A_l * C]
+    flat_idx = torch.nonzero(flat > settings.score_thresh).squeeze(1)
+    top_scores, order = flat[flat_idx].topk(min(settings.topk, flat_idx.numel()))
+    return flat_idx[order], top_scores
+
+
+def select_candidates(
+    cls_logits: Tensor,
+    obj_logits: Tensor | None,
+    num_anchors_per_level: list[int],
+    settings: PostprocessSettings,
+) -> dict[str, Tensor]:
+    """The (anchor, class) pairs of one image that enter NMS.
+
+    cls_logits [A, C], obj_logits [A] or None. Returns `anchor_idx`, `labels`, `level`, `score`,
+    `cls_score`, `obj_score` (NaN without a branch), each [K], levels in order, score-descending
+    within a level.
+    """
+    num_classes = cls_logits.shape[1]
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("anchor_idx", "labels", "level", "score", "cls_score", "obj_score")}
+    start = 0
+    for level, num_anchors in enumerate(num_anchors_per_level):
+        cls_prob = torch.sigmoid(cls_logits[start : start + num_anchors].float())  # [A_l, C]
+        obj_prob = None if obj_logits is None else torch.sigmoid(obj_logits[start : start + num_anchors].float())
+        is_last = level == len(num_anchors_per_level) - 1
+        if obj_prob is None or settings.obj_exponent is None or (settings.conf_skip_p7 and is_last):
+            score = cls_prob
+        else:
+            score = joint_score(cls_prob, obj_prob, settings.obj_exponent)
+        flat_idx, top_scores = _select_level(score, settings)
+        anchor_idx = torch.div(flat_idx, num_classes, rounding_mode="floor")  # [K_l]
+        labels = flat_idx % num_classes
+        parts["anchor_idx"].append(anchor_idx + start)
+        parts["labels"].append(labels)
+        parts["level"].append(torch.full_like(labels, level))
+        parts["score"].append(top_scores)
+        parts["cls_score"].append(cls_prob[anchor_idx, labels])
+        parts["obj_score"].append(torch.full_like(top_scores, float("nan")) if obj_prob is None else obj_prob[anchor_idx])
+        start += num_anchors
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def postprocess_image(
+    cls_logits: Tensor,
+    bbox_deltas: Tensor,
+    obj_logits: Tensor | None,
+    anchors: Tensor,
+    num_anchors_per_level: list[int],
+    image_size: tuple[int, int],
+    box_coder: det_utils.BoxCoder,
+    settings: PostprocessSettings,
+) -> dict[str, Tensor]:
+    """Candidates of one image, sorted by score (descending, ties by level and index), with NMS result.
+
+    cls_logits [A, C], bbox_deltas [A, 4], obj_logits [A] or None, anchors [A, 4], image_size (h, w)
+    of the resized image. Returns the fields of `select_candidates` plus `boxes` [K, 4] (decoded,
+    clipped), `survivors` [S] (candidate indices kept by NMS, ascending = score-descending) and
+    `kept` [K] bool (the first `max_det` survivors). The detections are the kept rows, in order.
+    """
+    cand = select_candidates(cls_logits, obj_logits, num_anchors_per_level, settings)
+    order = torch.sort(cand["score"], descending=True, stable=True).indices
+    cand = {k: v[order] for k, v in cand.items()}
+    idx = cand["anchor_idx"]
+    boxes = box_coder.decode_single(bbox_deltas[idx].float(), anchors[idx])  # [K, 4]
+    cand["boxes"] = clip_boxes_to_image(boxes, image_size)
+    survivors = torch.sort(batched_nms(cand["boxes"], cand["score"], cand["labels"], settings.nms_thresh)).values
+    kept = torch.zeros_like(cand["score"], dtype=torch.bool)
+    kept[survivors[: settings.max_det]] = True
+    cand["survivors"] = survivors
+    cand["kept"] = kept
+    return cand
+
+
+def find_suppressors(boxes: Tensor, scores: Tensor, labels: Tensor, survivors: Tensor, nms_thresh: float) -> Tensor:
+    """Which NMS survivor suppressed each candidate (greedy NMS's suppressor); -1 for survivors.
+
+    boxes [K, 4] xyxy, scores [K], labels [K], survivors [S] candidate indices sorted by score
+    descending. For a suppressed candidate: the highest-scoring survivor of the same class with
+    IoU > nms_thresh and score ≥ its own. Returns int64 [K] of candidate indices.
+    """
+    suppressed_by = torch.full_like(labels, -1, dtype=torch.int64)
+    is_survivor = torch.zeros_like(labels, dtype=torch.bool)
+    is_survivor[survivors] = True
+    losers = torch.nonzero(~is_survivor).squeeze(1)
+    if losers.numel() == 0 or survivors.numel() == 0:
+        return suppressed_by
+    for block in losers.split(_SUPPRESSOR_BLOCK):
+        iou = box_iou(boxes[block], boxes[survivors])  # [L, S]
+        eligible = (labels[block, None] == labels[None, survivors]) & (scores[None, survivors] >= scores[block, None])
+        overlaps = eligible & (iou > nms_thresh)
+        found = overlaps.any(dim=1)
+        first = overlaps.to(torch.uint8).argmax(dim=1)  # first True = highest-scoring survivor
+        if not bool(found.all()):
+            # Only when NMS's IoU and box_iou round differently at exactly the threshold: fall back
+            # to the eligible survivor with the largest overlap.
+            log.debug("%d suppressed boxes matched by largest overlap", int((~found).sum()))
+            nearest = torch.where(eligible, iou, torch.full_like(iou, -1.0)).argmax(dim=1)
+            first = torch.where(found, first, nearest)
+        suppressed_by[block] = survivors[first]
+    return suppressed_by

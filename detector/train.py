@@ -1,0 +1,737 @@
+"""`misalign train`: SGD training of the bundled detector, on CPU, one GPU or many (DDP via torchrun).
+
+The recipe is the paper's MMDetection setup (DESIGN.md §5): SGD momentum 0.9, weight decay 1e-4,
+lr 0.01 for a batch of 16 (linearly scaled), linear warm-up from 0.001×lr over 500 iterations,
+×0.1 at 8/12 and 11/12 of the run (the "1x" schedule: epochs 8 and 11 of 12; "2x": 16 and 22 of 24),
+gradient clipping at max-norm 35 (MMDetection's RetinaNet config), images 1000×600.
+
+On a CPU with no size option given (`--backbone`, `--img-size`, `--max-size`), a small recipe is
+used instead (CPU_RECIPE) so that the built-in shapes dataset is learnt in minutes on 2 cores.
+
+Run folder (`--out RUN`): `log.csv` (one row per step, appended as training goes),
+`checkpoint.pt` (after each epoch, atomically; DESIGN.md §3.2; `--resume` continues from it with
+the same next batch and the same lr), `eval.json` (COCOeval's twelve stats on the val split).
+
+Determinism: the order of the samples of an epoch depends only on (seed, epoch, rank), and the
+per-epoch data-loader generator too, so a resumed run sees exactly the batches the uninterrupted
+run would have seen; model, optimizer and RNG states come back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from detector.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from misalign.errors import InputError
+from misalign.io import atomic_path, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+AMP_CHOICES = ("none", "bf16", "fp16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+SCHEDULES = {"1x": 12, "2x": 24}  # schedule name -> default number of epochs
+LR_STEP_FRACTIONS = (8 / 12, 11 / 12)  # ×0.1 at epochs 8 and 11 of 12 (and 16, 22 of 24), scaled to the run
+LR_STEP_GAMMA = 0.1
+WARMUP_MAX_FRACTION = 0.1  # warm-up never takes more than this fraction of a run's iterations
+
+# The paper's setup (MMDetection RetinaNet, 8 GPUs × 2 images); used on GPU, or whenever a size
+# option is given.
+PAPER_RECIPE = {
+    "backbone": "resnet50",
+    "img_size": 600,  # shorter side (COCO "1000×600")
+    "max_size": 1000,  # longer side at most
+    "batch_size": 16,
+    "warmup_iters": 500,
+    "model_options": {},
+}
+# Small CPU recipe: what a newcomer's laptop can learn the shapes dataset with in a few minutes.
+CPU_RECIPE = {
+    "backbone": "resnet18",
+    "img_size": 160,
+    "max_size": 160,
+    "batch_size": 8,
+    "epochs": 6,
+    "warmup_iters": 100,
+    "model_options": {},
+}
+SIZE_OPTIONS = ("backbone", "img_size", "max_size")
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model: str = "retinanet"  # variant: retinanet | retinanet-conf | iou-aware | ... (detector.build_model)
+    backbone: str | None = None  # resnet10/18/34/50/101; None: resnet50 (paper), resnet18 (CPU recipe)
+    pretrained: bool = False  # torchvision's ImageNet weights for the backbone (downloads once)
+    backbone_weights: str | None = None  # local file with backbone weights (state dict)
+    model_options: dict = field(default_factory=dict)  # extra keyword options for build_model
+    # --- data (COCO layout: DATA/annotations/instances_SPLIT.json, DATA/SPLIT/) ---
+    data: str | None = None  # dataset folder
+    split: str = "train"  # training split
+    ann: str | None = None  # explicit annotation file (instead of data/split)
+    images: str | None = None  # explicit image folder (instead of data/split)
+    val_split: str | None = "val"  # evaluated at the end into eval.json; None or missing: skipped
+    val_ann: str | None = None  # explicit val annotation file
+    val_images: str | None = None  # explicit val image folder
+    img_size: int | None = None  # shorter image side; None: 600 (paper), 160 (CPU recipe)
+    max_size: int | None = None  # longer image side at most; None: 1000 (paper), 160 (CPU recipe)
+    workers: int = 2  # data-loader processes per training process (0: load in the main process)
+    # --- optimisation ---
+    out: str = "runs/run"  # run folder: log.csv, checkpoint.pt, eval.json
+    schedule: str = "1x"  # "1x" (12 epochs) or "2x" (24); the lr steps sit at 8/12 and 11/12 of the run
+    epochs: int | None = None  # None: the schedule's (12 or 24), 6 on the CPU recipe
+    batch_size: int | None = None  # images per optimizer step, over all processes; None: 16 (paper), 8 (CPU)
+    lr: float | None = None  # None: 0.01 × batch_size / 16 (linear scaling rule)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay, on every parameter (as MMDetection)
+    warmup_iters: int | None = None  # linear warm-up length; None: 500 (paper), 100 (CPU); capped at 10% of the run
+    warmup_ratio: float = 0.001  # lr at the first iteration, as a fraction of lr
+    grad_clip: float | None = 35.0  # max L2 norm of all gradients (MMDetection's RetinaNet); None: no clipping
+    # --- machine ---
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    amp: str = "none"  # none | bf16 | fp16 autocast (GPU only)
+    seed: int = 0  # python/numpy/torch seeds and the data order
+    resume: str | None = None  # checkpoint.pt to continue from (unset options take its values)
+    eval_batch_size: int = 8  # images per forward pass during the final evaluation
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Raise InputError (naming the option) for values out of range; no file is touched."""
+    from detector.model import BACKBONES, MODEL_NAMES
+
+    checks = [
+        (config.model in MODEL_NAMES, "--model", f"unknown model {config.model!r} (choose from {', '.join(MODEL_NAMES)})"),
+        (config.backbone is None or config.backbone in BACKBONES, "--backbone",
+         f"unknown backbone {config.backbone!r} (choose from {', '.join(BACKBONES)})"),
+        (config.epochs is None or config.epochs >= 1, "--epochs", f"must be at least 1, got {config.epochs}"),
+        (config.batch_size is None or config.batch_size >= 1, "--batch-size", f"must be at least 1, got {config.batch_size}"),
+        (config.lr is None or (math.isfinite(config.lr) and config.lr > 0), "--lr", f"must be > 0, got {config.lr}"),
+        (config.img_size is None or config.img_size >= 32, "--img-size", f"must be at least 32 pixels, got {config.img_size}"),
+        (config.max_size is None or config.max_size >= 32, "--max-size", f"must be at least 32 pixels, got {config.max_size}"),
+        (config.img_size is None or config.max_size is None or config.max_size >= config.img_size, "--max-size",
+         f"{config.max_size} is smaller than --img-size {config.img_size}"),
+        (config.workers >= 0, "--workers", f"must be 0 or more, got {config.workers}"),
+        (config.schedule in SCHEDULES, "--schedule", f"unknown schedule {config.schedule!r} (choose from 1x, 2x)"),
+        (0 <= config.momentum < 1, "momentum", f"must be in [0, 1), got {config.momentum}"),
+        (config.weight_decay >= 0, "weight_decay", f"must be >= 0, got {config.weight_decay}"),
+        (config.warmup_iters is None or config.warmup_iters >= 0, "warmup_iters", f"must be >= 0, got {config.warmup_iters}"),
+        (0 < config.warmup_ratio <= 1, "warmup_ratio", f"must be in (0, 1], got {config.warmup_ratio}"),
+        (config.grad_clip is None or config.grad_clip > 0, "grad_clip", f"must be > 0, got {config.grad_clip}"),
+        (config.device in DEVICE_CHOICES, "--device", f"unknown device {config.device!r} (choose from auto, cpu, cuda)"),
+        (config.amp in AMP_CHOICES, "--amp", f"unknown mode {config.amp!r} (choose from none, bf16, fp16)"),
+        (config.eval_batch_size >= 1, "eval_batch_size", f"must be at least 1, got {config.eval_batch_size}"),
+        (not (config.pretrained and config.backbone_weights), "--backbone-weights",
+         "give --pretrained or --backbone-weights, not both"),
+        (config.backbone_weights is None or Path(config.backbone_weights).is_file(), "--backbone-weights",
+         f"{config.backbone_weights}: no such file"),
+        (config.data is not None or (config.ann is not None and config.images is not None) or config.resume is not None,
+         "--data", "give --data DIR (or --ann FILE and --images DIR)"),
+    ]
+    for ok, option, problem in checks:
+        if not ok:
+            raise InputError(f"{option}: {problem}")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """auto -> cuda when a GPU is visible, else cpu. InputError for cuda without a GPU."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device: cuda asked for but no GPU is visible (torch.cuda.is_available() is False)")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def choose_recipe(config: TrainConfig, device: torch.device) -> str:
+    """"cpu": the small CPU recipe (CPU and no size option given); else "paper"."""
+    no_size_option = all(getattr(config, name) is None for name in SIZE_OPTIONS)
+    return "cpu" if device.type == "cpu" and no_size_option else "paper"
+
+
+def resolve_defaults(config: TrainConfig, device: torch.device, previous: dict | None = None) -> TrainConfig:
+    """Fill every option left None: from `previous` (a resumed run's options), else from the recipe.
+
+    The recipe is CPU_RECIPE on a CPU when no size option is given, else PAPER_RECIPE. lr follows the
+    linear scaling rule 0.01 × batch_size / 16 unless given.
+    """
+    values = dataclasses.asdict(config)
+    if previous is not None:
+        for name, value in previous.items():
+            if name in values and values[name] is None:
+                values[name] = value
+        values["model_options"] = {**previous.get("model_options", {}), **values["model_options"]}
+    recipe = CPU_RECIPE if choose_recipe(TrainConfig(**values), device) == "cpu" else PAPER_RECIPE
+    for name, value in recipe.items():
+        if name == "model_options":
+            values[name] = {**value, **values[name]}
+        elif values.get(name) is None:
+            values[name] = value
+    if values["epochs"] is None:
+        values["epochs"] = SCHEDULES[values["schedule"]]
+    if values["lr"] is None:
+        values["lr"] = 0.01 * values["batch_size"] / 16
+    if device.type == "cpu" and values["amp"] != "none":
+        raise InputError(f"--amp: {values['amp']} autocast needs a GPU; use --amp none on CPU")
+    return TrainConfig(**values)
+
+
+# --- learning-rate schedule -------------------------------------------------------------------------
+
+
+def lr_milestones(epochs: int, iters_per_epoch: int) -> list[int]:
+    """Optimizer steps at which the lr is multiplied by 0.1: 8/12 and 11/12 of the run.
+
+    A 12-epoch run steps after epochs 8 and 11, a 24-epoch run after 16 and 22; shorter runs keep
+    the same proportions (rounded to the nearest iteration, so they may fall inside an epoch).
+    """
+    total_iters = epochs * iters_per_epoch
+    return [round(fraction * total_iters) for fraction in LR_STEP_FRACTIONS]
+
+
+def effective_warmup(warmup_iters: int, total_iters: int) -> int:
+    """Warm-up length, capped at WARMUP_MAX_FRACTION of the run so a short run is not all warm-up."""
+    return min(warmup_iters, int(WARMUP_MAX_FRACTION * total_iters))
+
+
+def lr_at(step: int, *, base_lr: float, warmup_iters: int, warmup_ratio: float, milestones: list[int]) -> float:
+    """The lr of optimizer step `step` (0-based): linear warm-up, then ×0.1 at each milestone passed.
+
+    Warm-up is MMDetection's "linear": ratio + (1 − ratio)·step/warmup_iters times the scheduled lr.
+    """
+    lr = base_lr * LR_STEP_GAMMA ** sum(step >= milestone for milestone in milestones)
+    if step < warmup_iters:
+        lr *= warmup_ratio + (1 - warmup_ratio) * step / warmup_iters
+    return lr
+
+
+# --- distributed -------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistContext:
+    rank: int = 0  # this process among all processes
+    world_size: int = 1  # number of training processes
+    device: torch.device = torch.device("cpu")  # where this process computes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: torch.device) -> DistContext:
+    """One process: nothing to do. Under torchrun (WORLD_SIZE > 1): init the process group.
+
+    NCCL on GPU (each process on GPU LOCAL_RANK), gloo on CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(device=device)
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank=rank, world_size=world_size, device=device)
+
+
+def teardown_distributed(ctx: DistContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def _all_gather_objects(ctx: DistContext, obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (just [obj] in one process)."""
+    if not ctx.distributed:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+# --- seeds and data order -----------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """A torch.Generator that depends only on (seed, epoch, rank): the data order and the
+    data-loader workers' seeds of that epoch, identical in a resumed run."""
+    mixed = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed) & (2**63 - 1))
+
+
+def make_train_loader(dataset, config: TrainConfig, ctx: DistContext, epoch: int):
+    """Data loader of one epoch: this rank's shuffled share, `batch_size / world_size` images a batch.
+
+    DistributedSampler (num_replicas=1 in one process) shuffles with seed + epoch, so the order is a
+    function of (seed, epoch) only; the loader's own generator (worker seeds) of (seed, epoch, rank).
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from detector.data import collate_detection
+
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed)
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size // ctx.world_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        collate_fn=collate_detection,
+        generator=epoch_generator(config.seed, epoch, ctx.rank),
+        pin_memory=ctx.device.type == "cuda",
+        drop_last=False,
+    )
+
+
+def iters_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
+    """Optimizer steps in one epoch (DistributedSampler pads each rank's share to ceil(N / world))."""
+    per_rank = math.ceil(num_images / world_size)
+    return math.ceil(per_rank / (batch_size // world_size))
+
+
+# --- datasets and model ---------------------------------------------------------------------------------
+
+
+def load_train_dataset(config: TrainConfig, category_ids: list[int] | None):
+    """(dataset, ann_path) of the training split; InputError when it has no usable image."""
+    from detector.data import CocoDetection
+    from misalign.coco import resolve_dataset
+
+    ann_path, images_dir = resolve_dataset(data=config.data, split=config.split, ann=config.ann, images=config.images)
+    dataset = CocoDetection(ann_path, images_dir, train=True, min_size=config.img_size, max_size=config.max_size,
+                            category_ids=category_ids)
+    if len(dataset) == 0:
+        raise InputError(f"{ann_path}: no usable images to train on")
+    return dataset, ann_path
+
+
+def load_val_dataset(config: TrainConfig, category_ids: list[int]):
+    """(dataset, ann_path) of the val split, or (None, reason) when there is none to evaluate on."""
+    from detector.data import CocoDetection
+    from misalign.coco import resolve_dataset
+
+    if config.val_ann is not None or config.val_images is not None:
+        ann_path, images_dir = resolve_dataset(ann=config.val_ann, images=config.val_images)
+    elif config.val_split and config.data is not None:
+        ann_path = Path(config.data) / "annotations" / f"instances_{config.val_split}.json"
+        if not ann_path.is_file():
+            return None, f"{ann_path} does not exist"
+        ann_path, images_dir = resolve_dataset(data=config.data, split=config.val_split)
+    else:
+        return None, "no val split given"
+    dataset = CocoDetection(ann_path, images_dir, train=False, min_size=config.img_size, max_size=config.max_size,
+                            category_ids=category_ids)
+    if len(dataset) == 0:
+        return None, f"{ann_path} has no usable images"
+    return dataset, ann_path
+
+
+def build_training_model(config: TrainConfig, num_classes: int, checkpoint: dict | None):
+    """A new model from the options, or the resumed run's model rebuilt from its checkpoint config."""
+    from detector.model import build_model, model_from_config
+
+    if checkpoint is not None:
+        model = model_from_config(checkpoint["config"])
+        model.load_state_dict(checkpoint["model"])
+        return model
+    return build_model(
+        config.model,
+        num_classes,
+        backbone=config.backbone,
+        img_size=config.img_size,
+        max_size=config.max_size,
+        pretrained=config.pretrained,
+        backbone_weights=config.backbone_weights,
+        **config.model_options,
+    )
+
+
+def check_resume_compatible(config: TrainConfig, checkpoint: dict, path, dataset_category_ids: list[int]) -> None:
+    """InputError when the checkpoint is of another model, backbone or class set than this run."""
+    saved = checkpoint["config"]
+    previous = saved.get("training", {})
+    saved_model = saved.get("name", previous.get("model"))
+    if saved_model != config.model:
+        raise InputError(f"--resume: {path} is a {saved_model!r} checkpoint, not {config.model!r}")
+    if config.backbone is not None and saved.get("backbone") not in (None, config.backbone):
+        raise InputError(f"--resume: {path} has backbone {saved.get('backbone')!r}, not {config.backbone!r}")
+    saved_ids = list(saved.get("category_ids", []))
+    if saved_ids != list(dataset_category_ids) or saved.get("num_classes", len(saved_ids)) != len(dataset_category_ids):
+        raise InputError(
+            f"--resume: {path} was trained on {saved.get('num_classes', len(saved_ids))} classes "
+            f"(category ids {saved_ids[:8]}{'...' if len(saved_ids) > 8 else ''}), "
+            f"the dataset has {len(dataset_category_ids)} ({list(dataset_category_ids)[:8]}"
+            f"{'...' if len(dataset_category_ids) > 8 else ''})"
+        )
+
+
+def dataset_category_ids(config: TrainConfig) -> list[int]:
+    """Sorted category ids of the training annotation file (the default label mapping)."""
+    from misalign.coco import load_coco_json, resolve_dataset
+
+    ann_path, _ = resolve_dataset(data=config.data, split=config.split, ann=config.ann, images=config.images)
+    return sorted(int(category["id"]) for category in load_coco_json(ann_path)["categories"])
+
+
+# --- one step ---------------------------------------------------------------------------------------------
+
+
+class TrainingDivergedError(InputError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _to_device(images, targets, device):
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [
+        {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in target.items()}
+        for target in targets
+    ]
+    return images, targets
+
+
+def _reduce_losses(losses: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, float]:
+    """Loss terms averaged over processes (every rank gets the same values, so all stop together)."""
+    values = torch.stack([value.detach().float() for value in losses.values()])  # [num_terms]
+    if ctx.distributed:
+        dist.all_reduce(values)
+        values /= ctx.world_size
+    return dict(zip(losses.keys(), values.tolist()))
+
+
+def _diverged_message(config: TrainConfig, step: int, epoch: int, terms: dict[str, float], what: str) -> str:
+    bad = ", ".join(f"{name}={value:g}" for name, value in terms.items())
+    kept = (f"{Path(config.out) / 'checkpoint.pt'} keeps the last good epoch"
+            if (Path(config.out) / "checkpoint.pt").exists() else "no checkpoint was written yet")
+    return (f"training diverged: {what} at step {step} (epoch {epoch}; {bad}); {kept}; "
+            f"try a lower --lr (was {config.lr:g}) or a longer warm-up")
+
+
+def train_step(model, optimizer, scaler, images, targets, config: TrainConfig, ctx: DistContext, *, step: int,
+               epoch: int) -> dict[str, float]:
+    """Forward, NaN check, backward, clip, SGD step. Returns the loss terms and `loss` (their sum),
+    averaged over processes. Raises TrainingDivergedError before touching the weights if the loss
+    (or, without fp16 loss scaling, the gradient norm) is not finite."""
+    with _autocast(config, ctx.device):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    terms = _reduce_losses({**losses, "loss": loss}, ctx)
+    if not all(math.isfinite(value) for value in terms.values()):
+        raise TrainingDivergedError(_diverged_message(config, step, epoch, terms, "loss is not finite"))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if config.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    else:
+        grad_norm = torch.zeros(())
+    # fp16: the scaler skips steps with inf gradients on its own (and lowers its scale); elsewhere
+    # a non-finite gradient would poison the weights, so it stops the run.
+    if config.amp != "fp16" and not math.isfinite(float(grad_norm)):
+        raise TrainingDivergedError(_diverged_message(config, step, epoch, terms, "gradient norm is not finite"))
+    scaler.step(optimizer)
+    scaler.update()
+    return terms
+
+
+# --- log.csv -------------------------------------------------------------------------------------------
+
+
+class StepLog:
+    """RUN/log.csv: step, epoch, each loss term, loss, lr, images_per_s; one row per step, flushed."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.columns: list[str] | None = None
+        if resume_step is not None and path.exists():
+            self._truncate_after(resume_step)
+        elif path.exists():
+            path.unlink()
+        self._file = None
+        self._writer = None
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop rows of steps the checkpoint does not include (a run stopped mid-epoch)."""
+        with open(self.path, newline="") as file:
+            rows = list(csv.reader(file))
+        if not rows:
+            return
+        self.columns = rows[0]
+        kept = [row for row in rows[1:] if row and int(row[0]) <= step]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as file:
+            csv.writer(file).writerows([rows[0], *kept])
+
+    def write(self, *, step: int, epoch: int, terms: dict[str, float], lr: float, images_per_s: float) -> None:
+        row = {"step": step, "epoch": epoch, **terms, "lr": lr, "images_per_s": images_per_s}
+        if self._file is None:
+            new = not self.path.exists() or self.columns is None
+            self._file = open(self.path, "a", newline="")
+            if new:
+                self.columns = list(row)
+                csv.writer(self._file).writerow(self.columns)
+            self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
+        self._writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def predict_detections(model, dataset, *, indices=None, batch_size: int = 8, device="cpu", amp: str = "none",
+                       workers: int = 0, progress: bool = True) -> np.ndarray:
+    """Detections of `model` on `dataset` (or its `indices`) as rows for misalign.cocoeval.
+
+    Returns float64 [N, 7]: image_id, x, y, w, h (original-image pixels: the dataset's resized
+    boxes divided by its `scale`), score, category_id (dataset.category_ids[label]).
+    """
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+
+    from detector.data import collate_detection
+    from misalign.boxes import xyxy_to_xywh
+
+    device = torch.device(device)
+    subset = dataset if indices is None else Subset(dataset, list(indices))
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_detection)
+    category_ids = np.asarray(dataset.category_ids, dtype=np.float64)
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    rows = []
+    autocast_config = TrainConfig(amp=amp)
+    for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
+        with _autocast(autocast_config, device):
+            outputs = model([image.to(device) for image in images])
+        for output, target in zip(outputs, targets):
+            boxes = output["boxes"].float().cpu().numpy() / float(target["scale"])  # [K, 4] xyxy, original pixels
+            scores = output["scores"].float().cpu().numpy()  # [K]
+            labels = output["labels"].cpu().numpy()  # [K] contiguous
+            image_id = np.full(len(boxes), float(target["image_id"]))
+            rows.append(np.column_stack([image_id, xyxy_to_xywh(boxes), scores, category_ids[labels]]))
+    model.train(was_training)
+    return np.concatenate(rows) if rows else np.zeros((0, 7))
+
+
+def evaluate(model, dataset, ann_path=None, *, batch_size: int = 8, device="cpu", amp: str = "none",
+             workers: int = 0, progress: bool = True) -> dict[str, float]:
+    """COCOeval (pycocotools, via misalign.cocoeval) of `model` on every image of `dataset`.
+
+    ann_path: the dataset's annotation file (default `dataset.ann_file`). Under torch.distributed
+    each process predicts its share of the images and rank 0 evaluates; every rank returns the
+    twelve stats (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl).
+    """
+    from misalign.cocoeval import evaluate_detections, load_gt_quietly
+
+    ann_path = ann_path if ann_path is not None else dataset.ann_file
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    indices = range(rank, len(dataset), world_size)
+    detections = predict_detections(model, dataset, indices=indices, batch_size=batch_size, device=device, amp=amp,
+                                    workers=workers, progress=progress and rank == 0)
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, detections)
+        detections = np.concatenate(gathered)
+    stats = [None]
+    if rank == 0:
+        stats[0] = evaluate_detections(load_gt_quietly(ann_path), detections, image_ids=dataset.image_ids)
+    if world_size > 1:
+        dist.broadcast_object_list(stats, src=0)
+    return stats[0]
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+
+
+def _checkpoint_state(model, optimizer, scaler, config: TrainConfig, category_ids, *, epoch: int, step: int,
+                      schedule: dict, rng_states: list[dict]) -> dict:
+    model = _unwrap(model)
+    return {
+        "model": model.state_dict(),
+        "config": {**model.config, "category_ids": list(category_ids), "training": dataclasses.asdict(config)},
+        "epoch": epoch,
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule,
+        "scaler": scaler.state_dict(),
+        "rng": rng_states,
+    }
+
+
+def _format_terms(terms: dict[str, float], lr: float) -> dict[str, str]:
+    shown = {name.replace("bbox_regression", "bbox").replace("classification", "cls"): f"{value:.3f}"
+             for name, value in terms.items()}
+    return {**shown, "lr": f"{lr:.2g}"}
+
+
+def train(config: TrainConfig) -> Path:
+    """Train a detector as `config` says; returns the run folder (log.csv, checkpoint.pt, eval.json).
+
+    Works in one process (CPU or one GPU) and under torchrun (DDP: one process per GPU, or gloo on
+    CPU), where rank 0 alone writes files. Raises InputError for bad options, data or checkpoints,
+    TrainingDivergedError (an InputError) when the loss turns NaN/inf.
+    """
+    validate_config(config)
+    device = resolve_device(config.device)
+    ctx = setup_distributed(device)
+    try:
+        return _train(config, ctx)
+    finally:
+        teardown_distributed(ctx)
+
+
+def _train(config: TrainConfig, ctx: DistContext) -> Path:
+    from tqdm import tqdm
+
+    checkpoint = load_checkpoint(config.resume) if config.resume else None
+    previous = checkpoint["config"].get("training") if checkpoint is not None else None
+    if checkpoint is not None and config.data is None and config.ann is None and previous is not None:
+        config = dataclasses.replace(config, data=previous.get("data"), ann=previous.get("ann"),
+                                     images=previous.get("images"), split=previous.get("split", config.split))
+    config = resolve_defaults(config, ctx.device, previous)
+    if config.batch_size % ctx.world_size:
+        raise InputError(f"--batch-size: {config.batch_size} images do not split over {ctx.world_size} processes")
+    if ctx.is_main:
+        logger.info("recipe: %s (%s, %d px max %d, %d epochs, batch %d, lr %g)", choose_recipe(config, ctx.device),
+                    config.backbone, config.img_size, config.max_size, config.epochs, config.batch_size, config.lr)
+    run_dir = Path(config.out)
+
+    category_ids = list(checkpoint["config"]["category_ids"]) if checkpoint is not None else None
+    if checkpoint is not None:
+        check_resume_compatible(config, checkpoint, config.resume, dataset_category_ids(config))
+    dataset, _ = load_train_dataset(config, category_ids)
+    category_ids = list(dataset.category_ids)
+
+    seed_everything(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_training_model(config, len(category_ids), checkpoint).to(ctx.device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp == "fp16")
+    num_iters = iters_per_epoch(len(dataset), config.batch_size, ctx.world_size)
+    total_iters = config.epochs * num_iters
+    schedule = {
+        "name": "linear warm-up, then x0.1 steps",
+        "base_lr": config.lr,
+        "warmup_iters": effective_warmup(config.warmup_iters, total_iters),
+        "warmup_ratio": config.warmup_ratio,
+        "milestones": lr_milestones(config.epochs, num_iters),
+    }
+    lr_of = lambda step: lr_at(step, **{k: v for k, v in schedule.items() if k != "name"})  # noqa: E731
+
+    start_epoch, step = 0, 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
+        rng_states = checkpoint.get("rng") or []
+        if len(rng_states) == ctx.world_size:
+            restore_rng_state(rng_states[ctx.rank])
+        elif rng_states:
+            logger.warning("checkpoint has RNG states of %d processes, this run has %d: data augmentation "
+                           "will differ from the uninterrupted run", len(rng_states), ctx.world_size)
+            restore_rng_state(rng_states[0])
+        if ctx.is_main:
+            logger.info("resuming %s after epoch %d (step %d)", config.resume, start_epoch, step)
+    elif ctx.rank > 0:
+        seed_everything(config.seed + ctx.rank)  # different augmentation draws per rank
+
+    if ctx.distributed:
+        if ctx.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    log = StepLog(run_dir / "log.csv", resume_step=step if checkpoint is not None else None) if ctx.is_main else None
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            loader = make_train_loader(dataset, config, ctx, epoch)
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not ctx.is_main,
+                       dynamic_ncols=True)
+            tick = time.perf_counter()
+            for images, targets in bar:
+                lr = lr_of(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images, targets = _to_device(images, targets, ctx.device)
+                terms = train_step(model, optimizer, scaler, images, targets, config, ctx, step=step + 1,
+                                   epoch=epoch + 1)
+                step += 1
+                now = time.perf_counter()
+                images_per_s = len(images) * ctx.world_size / max(now - tick, 1e-9)
+                tick = now
+                if ctx.is_main:
+                    bar.set_postfix(_format_terms(terms, lr), refresh=False)
+                    log.write(step=step, epoch=epoch + 1, terms=terms, lr=lr, images_per_s=images_per_s)
+            rng_states = _all_gather_objects(ctx, capture_rng_state())
+            if ctx.is_main:
+                state = _checkpoint_state(model, optimizer, scaler, config, category_ids, epoch=epoch + 1, step=step,
+                                          schedule={**schedule, "last_lr": lr_of(step)}, rng_states=rng_states)
+                save_checkpoint(run_dir / "checkpoint.pt", state)
+            _barrier(ctx)
+    finally:
+        if log is not None:
+            log.close()
+
+    _evaluate_run(model, config, ctx, category_ids, run_dir)
+    return run_dir
+
+
+def _evaluate_run(model, config: TrainConfig, ctx: DistContext, category_ids, run_dir: Path) -> None:
+    """eval.json on the val split (skipped with a log line when there is none)."""
+    val_dataset, val_ann = load_val_dataset(config, category_ids)
+    if val_dataset is None:
+        if ctx.is_main:
+            logger.warning("no evaluation (%s): eval.json not written", val_ann)
+        return
+    stats = evaluate(_unwrap(model), val_dataset, val_ann, batch_size=config.eval_batch_size, device=ctx.device,
+                     amp=config.amp, workers=config.workers, progress=ctx.is_main)
+    if ctx.is_main:
+        write_json_atomic(run_dir / "eval.json", stats)
+        logger.info("val %s: AP %.3f AP50 %.3f AP75 %.3f", val_ann, stats["AP"], stats["AP50"], stats["AP75"])
+    _barrier(ctx)

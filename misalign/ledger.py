@@ -1,0 +1,521 @@
+"""The ledger: a dump folder holding every candidate box a detector considered (DESIGN.md §3.3).
+
+Files of a ledger folder:
+- `candidates.parquet` (CANDIDATE_SCHEMA): one row per (anchor, class) pair that entered NMS.
+- `images.parquet` (IMAGE_SCHEMA): one row per image of the split.
+- `raw_counts.parquet` (RAW_COUNT_SCHEMA): long-format threshold counts over all anchors.
+- `meta.json`: provenance and settings (META_KEYS).
+- `detections.json`: the kept rows in COCO results format, for other tools.
+- `raw.parquet` (RAW_SCHEMA, optional): every anchor's decoded box for the first N images.
+
+Conventions: boxes are x1, y1, x2, y2 in pixels of the original image; IoU is COCO's (no "+1");
+threshold conditions are strict `>`. `suppressed_by` is the `cand_id` of the NMS survivor that
+suppressed the row (the highest-scoring survivor of the same class overlapping it by more than the
+NMS threshold); it is -1 for every survivor of NMS, whether max-detections then kept it or cut it.
+A survivor that suppressed others may itself have been cut by max-detections (`kept` false).
+
+Public API:
+- CANDIDATE_SCHEMA, IMAGE_SCHEMA, RAW_COUNT_SCHEMA, RAW_SCHEMA, SCHEMA_VERSION, META_KEYS, LEDGER_FILES
+- LedgerWriter(folder): streaming writer (add_images, add_candidates, add_raw_counts, add_raw, close)
+- validate_ledger(folder, check_content=True) -> None (InputError naming the file and the problem)
+- read_meta, read_candidates, read_images, read_raw_counts, read_raw -> dict / DataFrame
+- read_ledger(folder, columns=None) -> Ledger (candidates, images, raw_counts, meta)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from misalign import __version__
+from misalign.errors import InputError
+from misalign.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # meta.json "schema_version"; bumped when a column changes meaning or type
+
+_F32, _I64 = pa.float32(), pa.int64()
+
+CANDIDATE_SCHEMA = pa.schema([
+    ("cand_id", _I64),  # unique in the dump
+    ("image_id", _I64),
+    ("category_id", _I64),  # the dataset's category id
+    ("x1", _F32), ("y1", _F32), ("x2", _F32), ("y2", _F32),  # original-image pixels
+    ("cls_score", _F32),  # sigmoid class probability
+    ("obj_score", _F32),  # object-confidence / IoU-branch probability; NaN where none
+    ("score", _F32),  # what NMS ranked by
+    ("level", pa.int8()),  # FPN level, 0 = P3; -1 unknown
+    ("anchor_idx", pa.int32()),  # index into the image's concatenated anchors; -1 unknown
+    ("kept", pa.bool_()),  # in the final output (after NMS and max-detections)
+    ("suppressed_by", _I64),  # cand_id of the NMS survivor that suppressed it; -1 if it survived NMS
+    ("iou", _F32),  # max IoU with a non-crowd gt of the same category; 0 if none
+    ("gt_id", _I64),  # annotation id of that gt; -1 when iou is 0
+    ("iou_any", _F32),  # max IoU with a non-crowd gt of any category
+])
+
+IMAGE_SCHEMA = pa.schema([
+    ("image_id", _I64),
+    ("file_name", pa.string()),
+    ("width", _I64), ("height", _I64),  # original image size in pixels
+    ("num_gt", _I64),  # non-crowd ground-truth boxes (the ones `iou` is measured against)
+    ("num_anchors", _I64),  # anchors of the image; -1 unknown (imports)
+    ("num_pos_anchors", _I64),  # anchors with IoU >= 0.5 to a non-crowd gt (Positive_NUM); -1 unknown
+])
+
+RAW_COUNT_SCHEMA = pa.schema([
+    ("image_id", _I64),
+    ("stage", pa.string()),  # 'raw' (decoded box of every anchor) or 'anchors' (the anchor boxes)
+    ("quantity", pa.string()),  # 'cls' (max class probability) or 'iou' (max IoU, any non-crowd gt)
+    ("threshold", pa.float64()),
+    ("count", _I64),  # anchors of the image with quantity > threshold
+])
+
+RAW_SCHEMA = pa.schema([  # raw.parquet: every anchor of the first N images (optional file)
+    ("image_id", _I64),
+    ("anchor_idx", pa.int32()),
+    ("level", pa.int8()),  # -1 unknown
+    ("x1", _F32), ("y1", _F32), ("x2", _F32), ("y2", _F32),  # the anchor's decoded box
+    ("category_id", _I64),  # argmax class, dataset id
+    ("cls_score", _F32),  # max class probability
+    ("obj_score", _F32),  # NaN where the detector has no branch
+    ("iou", _F32),  # max IoU with a non-crowd gt of `category_id`; 0 if none
+    ("gt_id", _I64),  # -1 when iou is 0
+    ("iou_any", _F32),  # max IoU with any non-crowd gt (raw_counts' 'raw'/'iou' quantity)
+    ("anchor_x1", _F32), ("anchor_y1", _F32), ("anchor_x2", _F32), ("anchor_y2", _F32),  # NaN unknown
+    ("anchor_iou", _F32),  # the anchor box's max IoU with any non-crowd gt; NaN unknown
+])
+
+# Values the writer fills in for optional columns the caller leaves out.
+_CANDIDATE_DEFAULTS = {"obj_score": np.nan, "level": -1, "anchor_idx": -1}
+_IMAGE_DEFAULTS = {"num_anchors": -1, "num_pos_anchors": -1}
+_RAW_DEFAULTS = {"level": -1, "obj_score": np.nan, "anchor_x1": np.nan, "anchor_y1": np.nan,
+                 "anchor_x2": np.nan, "anchor_y2": np.nan, "anchor_iou": np.nan}
+
+CANDIDATES, IMAGES, RAW_COUNTS, RAW, META, DETECTIONS = (
+    "candidates.parquet", "images.parquet", "raw_counts.parquet", "raw.parquet", "meta.json", "detections.json")
+LEDGER_FILES = (CANDIDATES, IMAGES, RAW_COUNTS, META)  # required; detections.json and raw.parquet are not
+_SCHEMAS = {CANDIDATES: CANDIDATE_SCHEMA, IMAGES: IMAGE_SCHEMA, RAW_COUNTS: RAW_COUNT_SCHEMA, RAW: RAW_SCHEMA}
+
+# meta.json keys. The writer fills the starred ones; the rest come from the caller (dump / import).
+META_KEYS = {
+    "schema_version": "* int, SCHEMA_VERSION of the files",
+    "created": "* ISO 8601 UTC time the ledger was closed",
+    "package_version": "* misalign version that wrote it",
+    "num_images": "* rows of images.parquet",
+    "num_candidates": "* rows of candidates.parquet",
+    "num_kept": "* kept rows (= entries of detections.json)",
+    "pre_nms": "bool: candidates hold the pre-NMS pool (false: kept boxes only, e.g. a COCO results import); default true",
+    "detector": "{name, config}: detector name and its config dict (null when unknown)",
+    "checkpoint_sha256": "hash of the checkpoint file, null for imports",
+    "dataset": "{ann, images, split}: ground-truth annotation file (absolute path), image folder, split name",
+    "postprocess": "{score_thresh, topk, nms_thresh, max_det, score_formula, alpha}: null where unknown",
+}
+STAGES = {"raw": ("cls", "iou"), "anchors": ("iou",)}  # raw_counts: stage -> its quantities
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+class LedgerWriter:
+    """Streams a ledger into `folder` (normally the temporary folder of `misalign.io.atomic_dir`).
+
+    Each `add_*` call appends one Parquet row group, so a dump never holds the whole ledger. Frames
+    are cast to the schema dtypes; a missing required column raises ValueError (a caller bug).
+
+    Candidates contract: do NOT pass `cand_id`; the writer numbers rows 0, 1, 2, ... in the order
+    they arrive. `suppressed_by` is given per image: the position of the suppressing row among that
+    image's rows in the same frame (0-based, -1 for none), exactly the index the model's postprocess
+    produces. An image's rows must be contiguous and come in one call. Kept rows become
+    detections.json entries (ordered by image, then score descending).
+    Usage: `with LedgerWriter(tmp) as w: ...; w.close(meta)` (leaving the block without close() on
+    an exception just releases the files).
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        self._rows = {CANDIDATES: 0, IMAGES: 0, RAW_COUNTS: 0, RAW: 0}
+        self._num_kept = 0
+        self._candidate_images: set[int] = set()
+        self._detections = open(self.folder / DETECTIONS, "w")
+        self._detections.write("[")
+        self._closed = False
+
+    def __enter__(self) -> "LedgerWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._closed:
+            self.abort()
+
+    def add_images(self, frame: pd.DataFrame) -> None:
+        """Append image rows (IMAGE_SCHEMA; num_anchors/num_pos_anchors default to -1)."""
+        self._append(IMAGES, _to_table(frame, IMAGE_SCHEMA, _IMAGE_DEFAULTS, IMAGES))
+
+    def add_raw_counts(self, frame: pd.DataFrame) -> None:
+        """Append long-format count rows (RAW_COUNT_SCHEMA), e.g. from `truth.raw_counts_rows`."""
+        self._append(RAW_COUNTS, _to_table(frame, RAW_COUNT_SCHEMA, {}, RAW_COUNTS))
+
+    def add_raw(self, frame: pd.DataFrame) -> None:
+        """Append per-anchor rows to raw.parquet (RAW_SCHEMA; anchor_*, obj_score default NaN)."""
+        self._append(RAW, _to_table(frame, RAW_SCHEMA, _RAW_DEFAULTS, RAW))
+
+    def add_candidates(self, frame: pd.DataFrame) -> np.ndarray:
+        """Append candidate rows of whole images; returns their new cand_ids [N] int64.
+
+        `frame` has every CANDIDATE_SCHEMA column but `cand_id` (obj_score, level, anchor_idx are
+        optional: NaN, -1, -1) and `suppressed_by` as a per-image row position (see the class doc).
+        """
+        if "cand_id" in frame.columns:
+            raise ValueError("add_candidates: the writer assigns cand_id; pass suppressed_by as a per-image row position")
+        num = len(frame)
+        image_ids = np.asarray(frame["image_id"], dtype=np.int64) if "image_id" in frame.columns else None
+        if image_ids is None:
+            raise ValueError(f"{CANDIDATES}: missing column(s) image_id")
+        starts, sizes = _image_runs(image_ids)
+        if num and len(np.unique(image_ids[starts])) != len(starts):
+            raise ValueError("add_candidates: the rows of an image must be contiguous")
+        new_images = set(image_ids[starts].tolist())
+        if new_images & self._candidate_images:
+            raise ValueError("add_candidates: an image's candidates must come in one call")
+        self._candidate_images |= new_images
+
+        base = self._rows[CANDIDATES]
+        cand_id = base + np.arange(num, dtype=np.int64)
+        first = np.repeat(starts, sizes)  # [N] position of each row's image start
+        size = np.repeat(sizes, sizes)  # [N] rows of each row's image
+        local = np.asarray(frame["suppressed_by"], dtype=np.int64) if "suppressed_by" in frame.columns else None
+        if local is None:
+            raise ValueError(f"{CANDIDATES}: missing column(s) suppressed_by")
+        if np.any((local < -1) | (local >= size)):
+            raise ValueError("add_candidates: suppressed_by must be -1 or a row position within the same image")
+        columns = {name: frame[name] for name in frame.columns}
+        columns["cand_id"] = cand_id
+        columns["suppressed_by"] = np.where(local >= 0, base + first + local, -1)
+        table = _to_table(columns, CANDIDATE_SCHEMA, _CANDIDATE_DEFAULTS, CANDIDATES)
+        self._append(CANDIDATES, table)
+        self._write_detections(table, np.repeat(np.arange(len(starts)), sizes))
+        return cand_id
+
+    def close(self, meta: dict) -> dict:
+        """Finish every file and write meta.json (`meta` plus the writer's keys); returns that dict."""
+        self._detections.write("\n]\n")
+        self._detections.close()
+        for name in (CANDIDATES, IMAGES, RAW_COUNTS):
+            if name not in self._writers:  # nothing appended: an empty file with the right schema
+                self._writers[name] = pq.ParquetWriter(self.folder / name, _SCHEMAS[name])
+        for writer in self._writers.values():
+            writer.close()
+        full = {
+            "schema_version": SCHEMA_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "package_version": __version__,
+            "pre_nms": True,
+            **meta,
+            "num_images": self._rows[IMAGES],
+            "num_candidates": self._rows[CANDIDATES],
+            "num_kept": self._num_kept,
+        }
+        write_json_atomic(self.folder / META, full)
+        self._closed = True
+        return full
+
+    def abort(self) -> None:
+        """Release the open files without finishing them (the caller discards the folder)."""
+        self._detections.close()
+        for writer in self._writers.values():
+            writer.close()
+        self._closed = True
+
+    def _append(self, name: str, table: pa.Table) -> None:
+        if name not in self._writers:
+            self._writers[name] = pq.ParquetWriter(self.folder / name, _SCHEMAS[name])
+        if table.num_rows:
+            self._writers[name].write_table(table, row_group_size=table.num_rows)
+            self._rows[name] += table.num_rows
+
+    def _write_detections(self, table: pa.Table, run: np.ndarray) -> None:
+        """Append the kept rows of `table` to detections.json: by image run, score descending."""
+        kept = table.column("kept").to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(kept)
+        if not len(rows):
+            return
+        score = table.column("score").to_numpy()[rows]
+        rows = rows[np.lexsort((-score, run[rows]))]
+        col = {name: table.column(name).to_numpy()[rows] for name in ("image_id", "category_id", "score")}
+        box = np.stack([table.column(n).to_numpy()[rows] for n in ("x1", "y1", "x2", "y2")], axis=1)
+        box = box.astype(np.float64)  # exact: float32 values and their differences fit float64
+        parts = [
+            f'{{"image_id": {i}, "category_id": {c}, "bbox": [{x!r}, {y!r}, {w!r}, {h!r}], "score": {s!r}}}'
+            for i, c, x, y, w, h, s in zip(col["image_id"].tolist(), col["category_id"].tolist(),
+                                           box[:, 0].tolist(), box[:, 1].tolist(),
+                                           (box[:, 2] - box[:, 0]).tolist(), (box[:, 3] - box[:, 1]).tolist(),
+                                           col["score"].astype(np.float64).tolist())
+        ]
+        self._detections.write(("," if self._num_kept else "") + "\n" + ",\n".join(parts))
+        self._num_kept += len(parts)
+
+
+def _image_runs(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start position [R] and length [R] of each run of equal consecutive image ids."""
+    if not len(image_ids):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.r_[0, np.flatnonzero(image_ids[1:] != image_ids[:-1]) + 1]
+    return starts, np.diff(np.r_[starts, len(image_ids)])
+
+
+def _to_table(columns, schema: pa.Schema, defaults: dict, name: str) -> pa.Table:
+    """A pyarrow Table with exactly `schema` from a DataFrame or dict of columns (ValueError if unfit)."""
+    available = set(columns.columns if isinstance(columns, pd.DataFrame) else columns)
+    missing = [f.name for f in schema if f.name not in available and f.name not in defaults]
+    if missing:
+        raise ValueError(f"{name}: missing column(s) {', '.join(missing)}")
+    num = len(columns) if isinstance(columns, pd.DataFrame) else len(next(iter(columns.values()), []))
+    arrays = []
+    for field in schema:
+        values = columns[field.name] if field.name in available else np.full(num, defaults[field.name])
+        arrays.append(_to_arrow(values, field, name))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _to_arrow(values, field: pa.Field, name: str) -> pa.Array:
+    if pa.types.is_string(field.type):
+        return pa.array(np.asarray(values, dtype=object).astype(str), type=field.type)
+    target = np.dtype(field.type.to_pandas_dtype())
+    array = np.asarray(values)
+    if target.kind in "iub":
+        if array.dtype.kind == "f":
+            if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+                raise ValueError(f"{name}: column {field.name} must hold integers")
+        cast = array.astype(target)
+        if array.dtype.kind != "b" and np.any(cast.astype(np.int64) != array.astype(np.int64)):
+            raise ValueError(f"{name}: column {field.name} has values outside {target}")
+        return pa.array(cast)
+    return pa.array(array.astype(target))
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    """A ledger read into memory: candidates (the requested columns), images, raw_counts, meta."""
+
+    folder: Path
+    meta: dict
+    candidates: pd.DataFrame
+    images: pd.DataFrame
+    raw_counts: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        """The detector's default name: the dump folder's name."""
+        return self.folder.name
+
+    @property
+    def pre_nms(self) -> bool:
+        """Whether candidates hold the pre-NMS pool (false for a COCO results import)."""
+        return bool(self.meta.get("pre_nms", True))
+
+
+def read_meta(folder) -> dict:
+    """meta.json of the ledger in `folder` as a dict (InputError if missing or not a JSON object)."""
+    path = Path(folder) / META
+    if not path.is_file():
+        raise InputError(f"{path}: missing (not a ledger folder?)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    version = meta.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise InputError(f"{path}: schema_version {version!r} is not one this misalign reads (<= {SCHEMA_VERSION})")
+    return meta
+
+
+def read_candidates(folder, columns=None) -> pd.DataFrame:
+    """candidates.parquet as a DataFrame with only `columns` (default all), schema dtypes."""
+    return _read_table(Path(folder) / CANDIDATES, CANDIDATE_SCHEMA, columns)
+
+
+def read_images(folder) -> pd.DataFrame:
+    """images.parquet as a DataFrame (IMAGE_SCHEMA)."""
+    return _read_table(Path(folder) / IMAGES, IMAGE_SCHEMA, None)
+
+
+def read_raw_counts(folder) -> pd.DataFrame:
+    """raw_counts.parquet as a DataFrame (RAW_COUNT_SCHEMA; stage and quantity as str)."""
+    return _read_table(Path(folder) / RAW_COUNTS, RAW_COUNT_SCHEMA, None)
+
+
+def read_raw(folder, columns=None) -> pd.DataFrame | None:
+    """raw.parquet (per-anchor rows of the first N images) or None when the dump has none."""
+    path = Path(folder) / RAW
+    return _read_table(path, RAW_SCHEMA, columns) if path.exists() else None
+
+
+def read_ledger(folder, columns=None) -> Ledger:
+    """The ledger in `folder`: meta, images, raw_counts and candidates (only `columns`, default all).
+
+    Checks that the files exist and have the requested columns with the right dtypes (InputError);
+    the row-level checks are `validate_ledger`'s.
+    """
+    folder = Path(folder)
+    _check_folder(folder)
+    return Ledger(folder=folder, meta=read_meta(folder), candidates=read_candidates(folder, columns),
+                  images=read_images(folder), raw_counts=read_raw_counts(folder))
+
+
+def _read_table(path: Path, schema: pa.Schema, columns) -> pd.DataFrame:
+    columns = list(schema.names if columns is None else columns)
+    _check_schema(path, schema, columns)
+    table = pq.read_table(path, columns=columns)
+    frame = table.to_pandas()
+    for field in schema:  # strings as plain object/str columns whatever the writer used
+        if field.name in frame.columns and pa.types.is_string(field.type):
+            frame[field.name] = frame[field.name].astype(str)
+    return frame
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a ledger folder ({'no such folder' if not folder.exists() else 'not a folder'})")
+    present = [name for name in LEDGER_FILES if (folder / name).is_file()]
+    if not present:
+        raise InputError(f"{folder}: not a ledger folder (none of {', '.join(LEDGER_FILES)})")
+    for name in LEDGER_FILES:
+        if name not in present:
+            raise InputError(f"{folder / name}: missing (a ledger folder has {', '.join(LEDGER_FILES)})")
+
+
+def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if pa.types.is_string(expected):  # any string encoding will do
+        if pa.types.is_dictionary(actual):
+            actual = actual.value_type
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    return actual == expected
+
+
+def _check_schema(path: Path, schema: pa.Schema, columns) -> None:
+    """InputError naming `path` if it is not Parquet or lacks `columns` with `schema`'s dtypes."""
+    if not path.is_file():
+        raise InputError(f"{path}: missing")
+    try:
+        actual = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    unknown = [c for c in columns if c not in schema.names]
+    if unknown:
+        raise ValueError(f"{path.name}: no such ledger column(s) {', '.join(unknown)}")
+    missing = [c for c in columns if c not in actual.names]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    for column in columns:
+        expected = schema.field(column).type
+        found = actual.field(column).type
+        if not _same_type(found, expected):
+            raise InputError(f"{path}: column {column} is {found}, expected {expected}")
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def validate_ledger(folder, check_content: bool = True) -> None:
+    """Check the ledger in `folder` against the contract; InputError with one line on the first problem.
+
+    Always: the folder and its files exist, meta.json is a JSON object of a known schema_version,
+    every Parquet file has every column with the schema's dtype. With `check_content` also the
+    rows: unique image_id / cand_id, candidates and raw counts of known images, finite boxes with
+    x2 >= x1 and y2 >= y1, finite scores, iou and iou_any in [0, 1] with iou <= iou_any,
+    kept rows with suppressed_by -1, and every other suppressed_by naming a cand_id of the same
+    image that survived NMS (its own suppressed_by is -1).
+    """
+    folder = Path(folder)
+    _check_folder(folder)
+    read_meta(folder)
+    for name, schema in _SCHEMAS.items():
+        if name != RAW or (folder / name).exists():
+            _check_schema(folder / name, schema, schema.names)
+    if not check_content:
+        return
+    images = pq.read_table(folder / IMAGES, columns=["image_id"]).column("image_id").to_numpy()
+    _check_unique(folder / IMAGES, images, "image_id")
+    known_images = np.sort(images)
+    _check_candidates(folder / CANDIDATES, known_images)
+    raw_counts = read_raw_counts(folder)
+    _check_known(folder / RAW_COUNTS, raw_counts["image_id"].to_numpy(), known_images, "image_id")
+    for row, (stage, quantity) in enumerate(zip(raw_counts["stage"], raw_counts["quantity"])):
+        if quantity not in STAGES.get(stage, ()):
+            raise InputError(f"{folder / RAW_COUNTS}: row {row}: stage {stage!r} / quantity {quantity!r} "
+                             f"is not one of {STAGES}")
+    _first_bad(folder / RAW_COUNTS, raw_counts["count"].to_numpy() < 0, "count is negative")
+
+
+def _first_bad(path: Path, bad: np.ndarray, problem: str, ids: np.ndarray | None = None) -> None:
+    """InputError naming the first row where `bad` holds."""
+    if np.any(bad):
+        row = int(np.argmax(bad))
+        where = f"row {row}" + (f" (cand_id {ids[row]})" if ids is not None else "")
+        raise InputError(f"{path}: {where}: {problem}")
+
+
+def _check_unique(path: Path, values: np.ndarray, column: str) -> None:
+    order = np.argsort(values, kind="stable")
+    dup = np.flatnonzero(values[order][1:] == values[order][:-1])
+    if len(dup):
+        row = int(order[dup[0] + 1])
+        raise InputError(f"{path}: row {row}: duplicate {column} {values[row]}")
+
+
+def _check_known(path: Path, values: np.ndarray, known_sorted: np.ndarray, column: str) -> None:
+    pos = np.clip(np.searchsorted(known_sorted, values), 0, max(len(known_sorted) - 1, 0))
+    bad = (known_sorted[pos] != values) if len(known_sorted) else np.ones(len(values), bool)
+    if np.any(bad):
+        row = int(np.argmax(bad))
+        raise InputError(f"{path}: row {row}: {column} {values[row]} is not in images.parquet")
+
+
+def _check_candidates(path: Path, known_images: np.ndarray) -> None:
+    columns = ["cand_id", "image_id", "x1", "y1", "x2", "y2", "cls_score", "score", "kept", "suppressed_by",
+               "iou", "iou_any"]
+    table = pq.read_table(path, columns=columns)
+    col = {name: table.column(name).to_numpy() for name in columns}
+    ids = col["cand_id"]
+    _check_unique(path, ids, "cand_id")
+    _check_known(path, col["image_id"], known_images, "image_id")
+    for name in ("x1", "y1", "x2", "y2", "cls_score", "score"):
+        _first_bad(path, ~np.isfinite(col[name]), f"{name} is not finite", ids)
+    _first_bad(path, col["x2"] < col["x1"], "inverted box (x2 < x1)", ids)
+    _first_bad(path, col["y2"] < col["y1"], "inverted box (y2 < y1)", ids)
+    for name in ("iou", "iou_any"):
+        _first_bad(path, ~((col[name] >= 0) & (col[name] <= 1)), f"{name} is outside [0, 1]", ids)
+    _first_bad(path, col["iou"] > col["iou_any"] + 1e-6, "iou exceeds iou_any", ids)
+    sup = col["suppressed_by"]
+    _first_bad(path, col["kept"] & (sup != -1), "kept but suppressed_by is not -1", ids)
+    _first_bad(path, sup < -1, "suppressed_by is below -1", ids)
+    rows = np.flatnonzero(sup >= 0)
+    if not len(rows):
+        return
+    order = np.argsort(ids)
+    pos = np.clip(np.searchsorted(ids, sup[rows], sorter=order), 0, len(ids) - 1)
+    target = order[pos]  # [S] row of the suppressor
+    missing = ids[target] != sup[rows]
+    bad = np.zeros(len(ids), bool)
+    bad[rows[missing]] = True
+    _first_bad(path, bad, "suppressed_by names no cand_id of the ledger", ids)
+    bad[rows[sup[target] != -1]] = True
+    _first_bad(path, bad, "suppressed_by names a candidate that did not survive NMS", ids)
+    bad[rows[col["image_id"][target] != col["image_id"][rows]]] = True
+    _first_bad(path, bad, "suppressed_by names a candidate of another image", ids)

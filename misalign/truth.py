@@ -1,0 +1,107 @@
+"""Truth columns of the ledger: how well each box is really localised, and the raw threshold counts.
+
+Everything is per image, NumPy, boxes x1, y1, x2, y2 in original-image pixels, COCO IoU (no "+1",
+`misalign.boxes.box_iou`). Crowd ground truth is ignored everywhere (it is neither a match nor a
+positive). Threshold counts are strict `>` and compare in the values' own dtype, as
+`values > 0.6` does in NumPy 2 (a float32 score of float32(0.6) is not > 0.6).
+
+Public API:
+- match_truth(pred_boxes, pred_category, gt_boxes, gt_category, gt_ids, gt_iscrowd) -> (iou, gt_id, iou_any)
+- max_iou_any(boxes, gt_boxes, gt_iscrowd) -> [N] float32
+- count_positive_anchors(anchors, gt_boxes, gt_iscrowd, thresh=0.5) -> int
+- threshold_counts(values, thresholds) -> [T] int64
+- raw_counts_rows(image_id, raw_cls, raw_iou, anchor_iou=None) -> DataFrame (RAW_COUNT_SCHEMA columns)
+- CLS_THRESHOLDS, IOU_THRESHOLDS: the paper's Table 1 thresholds
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from misalign.boxes import box_iou
+
+CLS_THRESHOLDS = (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)  # Table 1: cls > t
+IOU_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # Table 1: IoU > t
+
+
+def match_truth(pred_boxes, pred_category, gt_boxes, gt_category, gt_ids, gt_iscrowd):
+    """Truth columns of N predictions of one image against its M ground-truth boxes.
+
+    pred_boxes [N, 4] xyxy, pred_category [N] (dataset ids), gt_boxes [M, 4] xyxy, gt_category [M],
+    gt_ids [M] annotation ids, gt_iscrowd [M] (crowd boxes are ignored).
+    Returns
+    - iou [N] float32: max IoU with a non-crowd gt of the same category, 0 if none overlaps;
+    - gt_id [N] int64: annotation id of that gt; -1 when iou is 0. Ties go to the lowest gt index;
+    - iou_any [N] float32: max IoU with a non-crowd gt of any category, 0 if none.
+    """
+    pred_category = np.asarray(pred_category).reshape(-1)
+    usable = ~np.asarray(gt_iscrowd, dtype=bool).reshape(-1)  # [M]
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)[usable]
+    gt_category = np.asarray(gt_category).reshape(-1)[usable]
+    gt_ids = np.asarray(gt_ids, dtype=np.int64).reshape(-1)[usable]
+    num = len(pred_category)
+    if len(gt_ids) == 0 or num == 0:
+        return np.zeros(num, np.float32), np.full(num, -1, np.int64), np.zeros(num, np.float32)
+    pairwise = box_iou(pred_boxes, gt_boxes)  # [N, M']
+    same = np.where(pred_category[:, None] == gt_category[None, :], pairwise, 0.0)  # [N, M']
+    best = same.argmax(axis=1)  # [N]; argmax returns the first of equal maxima
+    iou = same[np.arange(num), best]
+    gt_id = np.where(iou > 0, gt_ids[best], -1)
+    return iou.astype(np.float32), gt_id.astype(np.int64), pairwise.max(axis=1).astype(np.float32)
+
+
+def max_iou_any(boxes, gt_boxes, gt_iscrowd) -> np.ndarray:
+    """[N] float32: each box's max IoU with any non-crowd gt box (0 if there is none)."""
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)[~np.asarray(gt_iscrowd, dtype=bool).reshape(-1)]
+    if len(gt_boxes) == 0:
+        return np.zeros(len(boxes), np.float32)
+    return box_iou(boxes, gt_boxes).max(axis=1).astype(np.float32)
+
+
+def count_positive_anchors(anchors, gt_boxes, gt_iscrowd, thresh: float = 0.5) -> int:
+    """Anchors [A, 4] xyxy with IoU >= thresh to some non-crowd gt: the paper's Positive_NUM.
+
+    `>=` as in the fg threshold of the IoU assigner; the IoU is taken as float32, like the ledger's.
+    """
+    return int(np.count_nonzero(max_iou_any(anchors, gt_boxes, gt_iscrowd) >= np.float32(thresh)))
+
+
+def threshold_counts(values, thresholds) -> np.ndarray:
+    """[T] int64: how many of `values` [N] are > each threshold (NaN counts nowhere).
+
+    Compared in the values' dtype (float32 scores against float32(t)), like `values > t` in NumPy 2.
+    """
+    values = np.asarray(values).reshape(-1)
+    dtype = values.dtype if values.dtype.kind == "f" else np.float64
+    thresholds = np.asarray(thresholds, dtype=dtype)
+    values = values[~np.isnan(values)] if values.dtype.kind == "f" else values.astype(np.float64)
+    ordered = np.sort(values)
+    return (len(ordered) - np.searchsorted(ordered, thresholds, side="right")).astype(np.int64)
+
+
+def raw_counts_rows(image_id: int, raw_cls, raw_iou, anchor_iou=None) -> pd.DataFrame:
+    """One image's raw_counts rows (long format: image_id, stage, quantity, threshold, count).
+
+    raw_cls [A]: each anchor's max class probability; raw_iou [A]: max IoU of each anchor's
+    decoded box with any non-crowd gt; anchor_iou [A]: the same for the anchor box itself
+    (None: no 'anchors' stage). Stage 'raw' gets cls > CLS_THRESHOLDS and iou > IOU_THRESHOLDS,
+    stage 'anchors' iou > IOU_THRESHOLDS.
+    """
+    parts = [("raw", "cls", CLS_THRESHOLDS, raw_cls), ("raw", "iou", IOU_THRESHOLDS, raw_iou)]
+    if anchor_iou is not None:
+        parts.append(("anchors", "iou", IOU_THRESHOLDS, anchor_iou))
+    stage, quantity, threshold, count = [], [], [], []
+    for name, what, thresholds, values in parts:
+        stage += [name] * len(thresholds)
+        quantity += [what] * len(thresholds)
+        threshold += list(thresholds)
+        count.append(threshold_counts(values, thresholds))
+    return pd.DataFrame({
+        "image_id": np.full(len(stage), image_id, np.int64),
+        "stage": stage,
+        "quantity": quantity,
+        "threshold": np.asarray(threshold, np.float64),
+        "count": np.concatenate(count).astype(np.int64),
+    })
