@@ -157,6 +157,31 @@ def train_command(model, data, split, ann, images, val_split, out, backbone, pre
 
 # --- dump / import ----------------------------------------------------------------------------
 
+
+@main.command("dump")
+@click.option("--ckpt", required=True, type=click.Path(), help="checkpoint.pt written by `misalign train`.")
+@click.option("--data", type=click.Path(), help="Dataset folder in COCO layout.")
+@click.option("--split", default="val", show_default=True, help="Split: annotations/instances_SPLIT.json and SPLIT/.")
+@click.option("--ann", type=click.Path(), help="Annotation file (instead of --data/--split).")
+@click.option("--images", type=click.Path(), help="Image folder (instead of --data/--split).")
+@click.option("--out", required=True, type=click.Path(), help="Dump folder to write (replaced when complete).")
+@click.option("--score-thresh", type=float, help="Pairs with score above this enter NMS [checkpoint's].")
+@click.option("--topk", type=int, help="Pairs per FPN level entering NMS [checkpoint's].")
+@click.option("--nms-thresh", type=float, help="NMS IoU threshold [checkpoint's].")
+@click.option("--max-det", type=int, help="Detections kept per image [checkpoint's].")
+@click.option("--alpha", type=float, help="Exponent of obj in obj^alpha * cls^(1-alpha) [checkpoint's].")
+@click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--amp", is_flag=True, help="bf16 autocast on GPU.")
+@click.option("--limit", type=int, help="Dump only the first N images (by id).")
+@click.option("--raw-images", default=0, show_default=True, help="Also write raw.parquet with every anchor of the first N images.")
+def dump_(**options) -> None:
+    """Record every candidate box before and after NMS, with its true IoU (the ledger)."""
+    from detector.dump import DumpConfig, dump
+
+    click.echo(dump(DumpConfig(**options)))
+
 # --- report / demo ----------------------------------------------------------------------------
 
 

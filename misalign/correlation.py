@@ -111,57 +111,110 @@ def weighted_spearman(x, y, weights) -> float:
     return float(np.clip(np.dot(w * rx, ry) / np.sqrt(sxx * syy), -1.0, 1.0))
 
 
+class _Order:
+    """One variable sorted once: the image of each sorted row and the tie groups of equal values."""
+
+    def __init__(self, values: np.ndarray, image_pos: np.ndarray, num_images: int):
+        self.order = np.argsort(values, kind="stable")  # [n]
+        self.image_pos = image_pos[self.order]  # [n] intp: image of each sorted row
+        ordered = values[self.order]
+        n = len(values)
+        new_group = np.r_[True, ordered[1:] != ordered[:-1]] if n else np.zeros(0, bool)
+        starts = np.flatnonzero(new_group)
+        ends = np.r_[starts[1:], n] - 1  # inclusive
+        tied = ends > starts
+        self.group_start = starts[tied]  # [G] first sorted position of each group of equal values
+        self.group_end = ends[tied]  # [G] its last position
+        sizes = self.group_end - self.group_start + 1
+        self.tied_group = np.repeat(np.arange(len(sizes)), sizes)  # [T] group of each tied row
+        self.tied_pos = np.arange(len(self.tied_group)) - np.repeat(np.cumsum(sizes) - sizes, sizes) \
+            + np.repeat(self.group_start, sizes)  # [T] sorted position of each tied row
+        untied = np.ones(n, bool)
+        untied[self.tied_pos] = False
+        self.untied_per_image = np.bincount(self.image_pos[untied], minlength=num_images).astype(np.float64)
+
+    def ranks(self, counts: np.ndarray, w: np.ndarray, r2: np.ndarray) -> float:
+        """Fill w [n] (row weights) and r2 [n] (twice the weighted midranks) in sorted order.
+
+        Integer arithmetic throughout (exact, and NumPy's integer cumsum is several times faster
+        than its float one). Returns sum of t^3 - t over the tie groups of the repeated data, where
+        a row of weight w alone is a group of w copies.
+        """
+        np.take(counts, self.image_pos, out=w)
+        np.cumsum(w, out=r2)  # rows of weight w occupy ranks r2 - w + 1 .. r2
+        c = counts.astype(np.float64)
+        ties = float(np.dot(c ** 3 - c, self.untied_per_image))
+        if len(self.group_start):
+            before = np.where(self.group_start > 0, r2[self.group_start - 1], 0).astype(np.int64)
+            after = r2[self.group_end].astype(np.int64)
+            group_w = (after - before).astype(np.float64)
+            ties += float(np.sum(group_w ** 3 - group_w))
+            group_mid2 = before + after + 1  # twice the midrank of the whole group
+        r2 *= 2
+        r2 -= w
+        r2 += 1
+        if len(self.group_start):
+            r2[self.tied_pos] = group_mid2[self.tied_group]
+        return ties
+
+
 class RankedPool:
     """Spearman rho of (x, y) under reweighting of whole images, from orderings prepared once.
 
-    x, y [n] float, image_pos [n] the image position (0..num_images-1) of each row. `spearman(c)`
-    with c [num_images] the number of times each image was drawn equals scipy's spearmanr on the
-    resample with every row of image i repeated c[i] times. Cost per call: ~8 passes over n.
+    xs: one or more score arrays [n] sharing the rows of y [n]; image_pos [n] the image position
+    (0..num_images-1) of each row. `spearman(c)` with c [num_images] the number of times each image
+    was drawn returns, per score array, scipy's spearmanr on the resample where every row of image i
+    appears c[i] times: the weighted Pearson correlation of weighted midranks. The sums of squared
+    centred ranks come in closed form from the tie sizes; only the cross term needs every row:
+    per resample and score array one cumulative sum in its order, one gather into y's order, one
+    dot product (a few milliseconds per million rows).
     """
 
-    def __init__(self, x, y, image_pos, num_images: int):
-        x = np.asarray(x, dtype=np.float64)
-        order = np.argsort(x, kind="stable")  # work in x order: x ranks become running sums
+    def __init__(self, xs, y, image_pos, num_images: int):
+        xs = [np.asarray(x, dtype=np.float64) for x in (xs if isinstance(xs, (list, tuple)) else [xs])]
+        image_pos = np.asarray(image_pos, dtype=np.intp)
         self.num_images = int(num_images)
-        self.image_pos = np.asarray(image_pos, dtype=np.int64)[order].astype(np.int32)
-        x_sorted = x[order]
-        new_group = np.r_[True, x_sorted[1:] != x_sorted[:-1]] if len(x) else np.zeros(0, bool)
-        self.x_starts = np.flatnonzero(new_group)
-        self.x_code = (np.cumsum(new_group) - 1).astype(np.int32)  # [n] tie group of x, ascending
-        self.x_tied = len(self.x_starts) < len(x)
-        y_unique, y_code = np.unique(np.asarray(y, dtype=np.float64)[order], return_inverse=True)
-        self.y_code = y_code.reshape(-1).astype(np.int32)
-        self.num_y = len(y_unique)
+        self.n = len(image_pos)
+        if self.n >= 2**28:
+            raise ValueError("RankedPool: too many rows for 32-bit ranks")
+        self.y = _Order(np.asarray(y, dtype=np.float64), image_pos, self.num_images)
+        y_position = np.empty(self.n, np.intp)
+        y_position[self.y.order] = np.arange(self.n)
+        self.xs = [_Order(x, image_pos, self.num_images) for x in xs]
+        self.x_to_y = [y_position[x.order] for x in self.xs]  # [n] y-sorted position of each x-sorted row
+        self.rows_per_image = np.bincount(image_pos, minlength=self.num_images).astype(np.float64)
+        self._int = [np.empty(self.n, np.int32) for _ in range(5)]
+        self._float = [np.empty(self.n) for _ in range(2)]
 
     def __len__(self) -> int:
-        return len(self.image_pos)
+        return self.n
 
-    def spearman(self, counts) -> float:
-        """Spearman rho of the resample drawing image i counts[i] times (NaN when undefined)."""
-        w = np.asarray(counts, dtype=np.float64)[self.image_pos]  # [n] row weights
-        total = w.sum()
-        if total <= 0:
-            return np.nan
-        centre = (total + 1) / 2
-        if self.x_tied:  # tie groups are consecutive in x order
-            group_x = np.add.reduceat(w, self.x_starts)
-            mid_x = np.cumsum(group_x) - (group_x - 1) / 2 - centre
-            sxx = np.dot(group_x, mid_x * mid_x)
-            rx = mid_x[self.x_code]
-        else:
-            rx = np.cumsum(w) - (w - 1) / 2 - centre
-            sxx = np.dot(w * rx, rx)
-        group_y = np.bincount(self.y_code, weights=w, minlength=self.num_y)
-        mid_y = np.cumsum(group_y) - (group_y - 1) / 2 - centre
-        syy = np.dot(group_y, mid_y * mid_y)
-        if sxx <= 0 or syy <= 0:
-            return np.nan
-        sxy = np.dot(w * rx, mid_y[self.y_code])
-        return float(np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0))
+    def spearman(self, counts) -> np.ndarray:
+        """[K] Spearman rho per score array for the resample drawing image i counts[i] times (NaN: undefined)."""
+        counts = np.asarray(counts, dtype=np.int32)
+        total = float(np.dot(counts.astype(np.float64), self.rows_per_image))  # rows of the resample
+        result = np.full(len(self.xs), np.nan)
+        if total * max(int(counts.max(initial=0)), 1) >= 2**29:
+            raise ValueError("RankedPool: resample too large for 32-bit ranks")
+        wy, ry2 = self._int[0], self._int[1]
+        syy = (total**3 - total - self.y.ranks(counts, wy, ry2)) / 12
+        for k, (order, x_to_y) in enumerate(zip(self.xs, self.x_to_y)):
+            wx, rx2, aligned = self._int[2], self._int[3], self._int[4]
+            sxx = (total**3 - total - order.ranks(counts, wx, rx2)) / 12
+            if sxx <= 0 or syy <= 0:
+                continue
+            rx2 *= wx  # w * 2 r_x, exact in int32 (< 2**29 by the check above)
+            np.take(ry2, x_to_y, out=aligned)
+            a, b = self._float
+            np.copyto(a, rx2, casting="unsafe")
+            np.copyto(b, aligned, casting="unsafe")
+            cross = np.dot(a, b) / 4 - total * ((total + 1) / 2) ** 2  # sum w (rx - m)(ry - m)
+            result[k] = np.clip(cross / np.sqrt(sxx * syy), -1.0, 1.0)
+        return result
 
     def replicates(self, count_matrix: np.ndarray) -> np.ndarray:
-        """[B] Spearman rho of each resample (rows of count_matrix [B, num_images])."""
-        return np.array([self.spearman(c) for c in count_matrix], dtype=np.float64)
+        """[B, K] Spearman rho of each resample (rows of count_matrix [B, num_images])."""
+        return np.array([self.spearman(c) for c in count_matrix], dtype=np.float64).reshape(len(count_matrix), -1)
 
 
 def bootstrap_counts(num_images: int, num_resamples: int, seed: int = 0) -> np.ndarray:

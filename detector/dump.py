@@ -1,0 +1,286 @@
+"""`misalign dump`: run a trained detector over a split and write its ledger (DESIGN.md §3.3).
+
+For every image the model's own postprocess (`Detector.predict_with_candidates`, the same code path
+as eval mode) gives every (anchor, class) pair that entered NMS, what NMS did to it, and every
+anchor's decoded box and best class probability. This module maps boxes back to original-image
+pixels, adds the truth columns (IoU with the ground truth) and the raw per-anchor counts, and
+streams it all through `misalign.ledger.LedgerWriter`, one row group per batch, so a COCO-sized
+split never sits in memory. The folder is built beside `out` and renamed only when it is whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from detector.checkpoint import load_checkpoint
+from detector.data import CocoDetection, collate_detection
+from detector.model import Detector, model_from_config
+from misalign.coco import annotation_arrays, load_coco_json, resolve_dataset
+from misalign.errors import InputError
+from misalign.io import atomic_dir
+from misalign.ledger import LedgerWriter
+from misalign.truth import CLS_THRESHOLDS, IOU_THRESHOLDS, match_truth
+
+log = logging.getLogger(__name__)
+
+POS_ANCHOR_IOU = 0.5  # an anchor with IoU >= this to a non-crowd gt is positive (Positive_NUM)
+
+
+@dataclass
+class DumpConfig:
+    ckpt: str  # checkpoint.pt written by `misalign train`
+    out: str  # the dump folder; replaced only once the new ledger is whole
+    data: str | None = None  # dataset root in COCO layout (with `split`) ...
+    split: str | None = "val"  # ... split name: annotations/instances_<split>.json and <split>/
+    ann: str | None = None  # or an explicit annotation file ...
+    images: str | None = None  # ... and image folder
+    score_thresh: float | None = None  # postprocess overrides; None keeps the checkpoint's value
+    topk: int | None = None  # pairs per FPN level entering NMS
+    nms_thresh: float | None = None  # IoU above which NMS suppresses
+    max_det: int | None = None  # detections kept per image
+    alpha: float | None = None  # exponent of obj in obj^alpha * cls^(1-alpha) (branch models only)
+    batch_size: int = 4  # images per forward pass
+    workers: int = 2  # DataLoader worker processes
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # autocast (bf16) on GPU; ignored on CPU
+    limit: int | None = None  # dump only the first N images (by image id)
+    raw_images: int = 0  # also write raw.parquet with every anchor of the first N images
+
+
+def dump(config: DumpConfig) -> Path:
+    """Write the ledger of `config.ckpt` on the chosen split to `config.out`; returns that path."""
+    _check_options(config)
+    device = _resolve_device(config.device)
+    checkpoint = load_checkpoint(config.ckpt)
+    model = _load_model(checkpoint, config).to(device).eval()
+    ann_path, images_dir = resolve_dataset(config.data, config.split, config.ann, config.images)
+    category_ids = [int(c) for c in checkpoint["config"]["category_ids"]]
+    dataset = CocoDetection(
+        ann_path, images_dir, train=False, min_size=model.cfg.img_size, max_size=model.cfg.max_size,
+        category_ids=category_ids,
+    )
+    gt = _ground_truth_by_image(load_coco_json(ann_path))
+    indices = list(range(len(dataset) if config.limit is None else min(config.limit, len(dataset))))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=config.batch_size, shuffle=False,
+        num_workers=config.workers, collate_fn=collate_detection, pin_memory=device.type == "cuda",
+    )
+    meta = _meta(config, checkpoint, model, ann_path, images_dir)
+    with atomic_dir(config.out) as tmp, LedgerWriter(tmp) as writer:
+        anchor_counts = _write_batches(writer, model, loader, gt, dataset.category_ids, device, config)
+        writer.add_images(_images_frame(dataset, indices, gt, anchor_counts))
+        writer.close(meta)
+    log.info("wrote %s (%d images)", config.out, len(indices))
+    return Path(config.out)
+
+
+def _write_batches(writer, model, loader, gt, category_ids, device, config) -> dict[int, tuple[int, int]]:
+    """Run the model over `loader`, appending each image's rows; returns image id -> anchor counts."""
+    anchor_counts = {}
+    with tqdm(total=len(loader.dataset), desc="dump", unit="img", dynamic_ncols=True) as bar:
+        for images, targets in loader:
+            images = [image.to(device, non_blocking=True) for image in images]
+            with _autocast(device, config.amp):
+                outputs = model.predict_with_candidates(images)
+            for output, target in zip(outputs, targets):
+                image_id = target["image_id"]
+                rows = image_rows(output, target, gt[image_id], category_ids, with_raw=bar.n < config.raw_images)
+                writer.add_candidates(rows["candidates"])
+                writer.add_raw_counts(rows["raw_counts"])
+                if "raw" in rows:
+                    writer.add_raw(rows["raw"])
+                anchor_counts[image_id] = rows["anchors"]
+                bar.update(1)
+    return anchor_counts
+
+
+def image_rows(output: dict, target: dict, gt: dict, category_ids: list[int], with_raw: bool = False) -> dict:
+    """The ledger rows of one image from `predict_with_candidates`' output.
+
+    output: one element of `Detector.predict_with_candidates` (boxes in the dataset's resized
+    pixels); target: the dataset's target (its `scale` maps boxes back: original = resized / scale);
+    gt: that image's ground truth from `_ground_truth_by_image` (original pixels, crowd included).
+    Returns `candidates` (DataFrame for LedgerWriter.add_candidates, suppressed_by per image),
+    `raw_counts` (long format), `anchors` (num_anchors, num_pos_anchors) and, with `with_raw`,
+    `raw` (one row per anchor).
+    """
+    scale = float(target["scale"])
+    cand = {key: value.cpu() for key, value in output["candidates"].items()}
+    boxes = (cand["boxes"].double() / scale).numpy()  # [K, 4] original pixels
+    category = np.asarray(category_ids, dtype=np.int64)[cand["labels"].numpy()]
+    iou, gt_id, iou_any = match_truth(boxes, category, gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"])
+    candidates = pd.DataFrame({
+        "image_id": np.full(len(boxes), target["image_id"], np.int64),
+        "category_id": category,
+        "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
+        "cls_score": cand["cls_score"].float().numpy(),
+        "obj_score": cand["obj_score"].float().numpy(),
+        "score": cand["score"].float().numpy(),
+        "level": cand["level"].numpy(),
+        "anchor_idx": cand["anchor_idx"].numpy(),
+        "kept": cand["kept"].numpy(),
+        "suppressed_by": cand["suppressed_by"].numpy(),
+        "iou": iou, "gt_id": gt_id, "iou_any": iou_any,
+    })
+    gt_boxes = torch.as_tensor(gt["boxes"][~gt["iscrowd"]], dtype=torch.float64)  # [M, 4] non-crowd
+    raw_boxes = output["raw_boxes"].double().cpu() / scale  # [A, 4]
+    anchors = output["anchors"].double().cpu() / scale  # [A, 4]
+    raw_iou = max_iou(raw_boxes, gt_boxes)  # [A]
+    anchor_iou = max_iou(anchors, gt_boxes)  # [A]
+    raw_cls = output["raw_cls"].float().cpu()  # [A]
+    rows = {
+        "candidates": candidates,
+        "raw_counts": raw_count_frame(target["image_id"], raw_cls, raw_iou, anchor_iou),
+        "anchors": (len(anchors), int((anchor_iou >= POS_ANCHOR_IOU).sum())),
+    }
+    if with_raw:
+        rows["raw"] = _raw_frame(output, target["image_id"], raw_boxes, anchors, anchor_iou, gt, category_ids)
+    return rows
+
+
+def max_iou(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+    """[A, 4], [M, 4] xyxy -> [A] float32 max IoU of each box with any of `gt_boxes` (0 if none)."""
+    if len(gt_boxes) == 0:
+        return torch.zeros(len(boxes), dtype=torch.float32)
+    return box_iou(boxes, gt_boxes).max(dim=1).values.float()
+
+
+def raw_count_frame(image_id: int, raw_cls: torch.Tensor, raw_iou: torch.Tensor, anchor_iou: torch.Tensor) -> pd.DataFrame:
+    """raw_counts rows of one image: stage 'raw' (cls, iou) and 'anchors' (iou), strict `>` counts.
+
+    Same semantics as `misalign.truth.raw_counts_rows` (float32 values against float32 thresholds),
+    counted with one comparison per threshold instead of a sort: A is ~10^5 anchors per COCO image.
+    """
+    parts = [("raw", "cls", CLS_THRESHOLDS, raw_cls), ("raw", "iou", IOU_THRESHOLDS, raw_iou),
+             ("anchors", "iou", IOU_THRESHOLDS, anchor_iou)]
+    frames = []
+    for stage, quantity, thresholds, values in parts:
+        limits = torch.tensor(thresholds, dtype=torch.float32)  # [T]
+        counts = (values.float()[:, None] > limits[None, :]).sum(dim=0)  # [T]
+        frames.append(pd.DataFrame({"stage": stage, "quantity": quantity,
+                                    "threshold": np.asarray(thresholds, np.float64), "count": counts.numpy()}))
+    frame = pd.concat(frames, ignore_index=True)
+    frame.insert(0, "image_id", np.int64(image_id))
+    return frame
+
+
+def _raw_frame(output, image_id, raw_boxes, anchors, anchor_iou, gt, category_ids) -> pd.DataFrame:
+    """raw.parquet rows of one image: every anchor's decoded box, best class, scores and IoUs."""
+    boxes = raw_boxes.numpy()
+    category = np.asarray(category_ids, dtype=np.int64)[output["raw_label"].cpu().numpy()]
+    iou, gt_id, iou_any = match_truth(boxes, category, gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"])
+    level = output["raw_level"].cpu().numpy() if "raw_level" in output else np.full(len(boxes), -1)
+    anchor_boxes = anchors.numpy()
+    return pd.DataFrame({
+        "image_id": np.int64(image_id), "anchor_idx": np.arange(len(boxes), dtype=np.int32), "level": level,
+        "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
+        "category_id": category, "cls_score": output["raw_cls"].float().cpu().numpy(),
+        "obj_score": output["raw_obj"].float().cpu().numpy(), "iou": iou, "gt_id": gt_id, "iou_any": iou_any,
+        "anchor_x1": anchor_boxes[:, 0], "anchor_y1": anchor_boxes[:, 1],
+        "anchor_x2": anchor_boxes[:, 2], "anchor_y2": anchor_boxes[:, 3], "anchor_iou": anchor_iou.numpy(),
+    })
+
+
+def _images_frame(dataset: CocoDetection, indices: list[int], gt: dict, anchor_counts: dict) -> pd.DataFrame:
+    infos = [dataset.image_info(i) for i in indices]
+    ids = [int(info["id"]) for info in infos]
+    return pd.DataFrame({
+        "image_id": np.asarray(ids, np.int64),
+        "file_name": [info["file_name"] for info in infos],
+        "width": [int(info["width"]) for info in infos],
+        "height": [int(info["height"]) for info in infos],
+        "num_gt": [int((~gt[i]["iscrowd"]).sum()) for i in ids],
+        "num_anchors": [anchor_counts[i][0] for i in ids],
+        "num_pos_anchors": [anchor_counts[i][1] for i in ids],
+    })
+
+
+def _ground_truth_by_image(dataset: dict) -> dict[int, dict[str, np.ndarray]]:
+    """image id -> its annotations as arrays (ann_id, category_id, iscrowd, boxes xyxy original px)."""
+    arrays = annotation_arrays(dataset)
+    order = np.argsort(arrays["image_id"], kind="stable")
+    sorted_ids = arrays["image_id"][order]
+    result = {}
+    for image in dataset["images"]:
+        lo, hi = np.searchsorted(sorted_ids, image["id"], "left"), np.searchsorted(sorted_ids, image["id"], "right")
+        rows = order[lo:hi]
+        result[int(image["id"])] = {key: arrays[key][rows] for key in ("ann_id", "category_id", "iscrowd", "boxes")}
+    return result
+
+
+def _load_model(checkpoint: dict, config: DumpConfig) -> Detector:
+    """The checkpoint's model with the postprocess overrides of `config` applied."""
+    model_config = dict(checkpoint["config"])
+    overrides = {"score_thresh": config.score_thresh, "topk": config.topk, "nms_thresh": config.nms_thresh,
+                 "max_det": config.max_det, "obj_exponent": config.alpha}
+    model_config.update({key: value for key, value in overrides.items() if value is not None})
+    model = model_from_config(model_config)
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def _meta(config: DumpConfig, checkpoint: dict, model: Detector, ann_path: Path, images_dir: Path) -> dict:
+    settings = model.postprocess_settings
+    return {
+        "detector": {"name": model.cfg.name, "config": model.config},
+        "checkpoint": str(Path(config.ckpt).resolve()),
+        "checkpoint_sha256": _sha256(config.ckpt),
+        "dataset": {"ann": str(Path(ann_path).resolve()), "images": str(Path(images_dir).resolve()),
+                    "split": config.split},
+        "postprocess": {
+            "score_thresh": settings.score_thresh, "topk": settings.topk, "nms_thresh": settings.nms_thresh,
+            "max_det": settings.max_det, "score_formula": model.score_formula,
+            "alpha": settings.obj_exponent, "conf_skip_p7": settings.conf_skip_p7,
+        },
+        "overrides": {k: v for k, v in dataclasses.asdict(config).items()
+                      if k in ("score_thresh", "topk", "nms_thresh", "max_det", "alpha") and v is not None},
+        "limit": config.limit,
+        "epoch": checkpoint.get("epoch"),
+    }
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_options(config: DumpConfig) -> None:
+    checks = [
+        ("--score-thresh", config.score_thresh, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+        ("--topk", config.topk, lambda v: v >= 1, "must be at least 1"),
+        ("--nms-thresh", config.nms_thresh, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+        ("--max-det", config.max_det, lambda v: v >= 1, "must be at least 1"),
+        ("--alpha", config.alpha, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        ("--batch-size", config.batch_size, lambda v: v >= 1, "must be at least 1"),
+        ("--workers", config.workers, lambda v: v >= 0, "must be 0 or more"),
+        ("--limit", config.limit, lambda v: v >= 1, "must be at least 1"),
+        ("--raw-images", config.raw_images, lambda v: v >= 0, "must be 0 or more"),
+    ]
+    for option, value, ok, problem in checks:
+        if value is not None and not ok(value):
+            raise InputError(f"{option}: {value} {problem}")
+
+
+def _resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    return torch.device(choice)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
