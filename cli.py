@@ -182,7 +182,55 @@ def dump_(**options) -> None:
 
     click.echo(dump(DumpConfig(**options)))
 
+
+@main.command("import")
+@click.option("--gt", required=True, type=click.Path(), help="COCO annotation JSON the predictions refer to.")
+@click.option("--predictions", required=True, type=click.Path(),
+              help="COCO results .json (kept boxes only), or a .parquet/.csv table of candidates.")
+@click.option("--out", required=True, type=click.Path(), help="Dump folder to write (replaced when complete).")
+@click.option("--name", default=None, help="Detector name for meta.json [the predictions file's stem].")
+@click.option("--nms-thresh", default=0.5, show_default=True, type=float,
+              help="IoU above which NMS suppresses (tables without a `kept` column), and for suppressed_by.")
+@click.option("--max-det", default=100, show_default=True, type=int,
+              help="Detections kept per image after NMS (tables without a `kept` column).")
+def import_(gt, predictions, out, name, nms_thresh, max_det) -> None:
+    """Build a ledger from another detector's predictions (COCO results JSON, Parquet or CSV)."""
+    from misalign.importer import import_predictions
+
+    click.echo(import_predictions(gt, predictions, out, name=name, nms_thresh=nms_thresh, max_det=max_det))
+
 # --- report / demo ----------------------------------------------------------------------------
+
+
+@main.command("report")
+@click.argument("dumps", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Report folder to write (replaced when complete).")
+@click.option("--before-after-nms", is_flag=True, help="Add the paper's Figure 1, Table 1 and Figure 2 (before/after NMS).")
+@click.option("--names", default=None, help="Comma-separated detector names, one per dump (default: the dump folder names).")
+@click.option("--gt", default=None, type=click.Path(path_type=str), help="Ground-truth COCO JSON (default: each dump's meta.json dataset.ann).")
+@click.option("--min-iou", default=0.5, show_default=True, type=float, help="Correlation pool: candidates with IoU >= this.")
+@click.option("--images", "num_images", default=6, show_default=True, type=int, help="Images shown one by one (Table 1 columns, scatters).")
+@click.option("--bootstrap", default=200, show_default=True, type=int, help="Bootstrap resamples of images for the 95% CIs.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+def report(dumps, out, before_after_nms, names, gt, min_iou, num_images, bootstrap, seed) -> None:
+    """Write an HTML report (with metrics.json) comparing the ledgers of one or more dumps."""
+    from reports import write_report
+
+    index = write_report(list(dumps), out, names=names, gt=gt, before_after_nms=before_after_nms, min_iou=min_iou,
+                         num_images=num_images, bootstrap=bootstrap, seed=seed)
+    click.echo(str(index))
+
+
+@main.command("demo")
+@click.option("--out", default="demo", show_default=True, type=click.Path(), help="Folder for the dataset, runs, dumps and report.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+def demo(out, device, workers) -> None:
+    """Shapes dataset -> train RetinaNet and RetinaNet-Conf -> dump -> comparison report."""
+    from detector.demo import run_demo
+
+    index = run_demo(out, device=device, workers=workers)
+    click.echo(f"report: {index}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ weighted Pearson correlation of weighted midranks (a value's rank among the dupl
 
 Public API:
 - correlation_pool(candidates, column, min_iou=0.5) -> (x, y, image_id, gt_id) arrays
-- rank_correlations(x, y) -> {"spearman", "kendall", "pearson"}
+- rank_correlations(x, y, spearman=True) -> {"spearman", "kendall", "pearson"}
+- group_midranks(codes, values) -> [n] midranks within groups
 - per_gt_spearman(x, y, gt_id, image_id=None, min_count=3) -> DataFrame (gt_id, image_id, n, spearman)
 - weighted_spearman(x, y, weights) -> float (Spearman of the data with row i repeated weights[i] times)
 - RankedPool(x, y, image_pos, num_images).spearman(counts) / .replicates(count_matrix)
@@ -41,47 +42,63 @@ def correlation_pool(candidates: pd.DataFrame, column: str, min_iou: float = 0.5
             candidates["image_id"].to_numpy(np.int64)[rows], candidates["gt_id"].to_numpy(np.int64)[rows])
 
 
-def rank_correlations(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Spearman rho, Kendall tau-b and Pearson r of x and y (scipy.stats); NaN when undefined."""
+def rank_correlations(x: np.ndarray, y: np.ndarray, spearman: bool = True) -> dict[str, float]:
+    """Spearman rho (unless spearman=False), Kendall tau-b and Pearson r of x and y (scipy.stats).
+
+    NaN when undefined (fewer than 2 rows, or constant input).
+    """
+    keys = (["spearman"] if spearman else []) + ["kendall", "pearson"]
     if len(x) < 2:
-        return {"spearman": np.nan, "kendall": np.nan, "pearson": np.nan}
+        return {key: np.nan for key in keys}
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")  # constant input: scipy warns and returns NaN
-        return {
-            "spearman": float(stats.spearmanr(x, y).statistic),
-            "kendall": float(stats.kendalltau(x, y).statistic),
-            "pearson": float(stats.pearsonr(x, y).statistic),
-        }
+        result = {"spearman": float(stats.spearmanr(x, y).statistic)} if spearman else {}
+        result["kendall"] = float(stats.kendalltau(x, y).statistic)
+        result["pearson"] = float(stats.pearsonr(x, y).statistic)
+    return result
+
+
+def group_midranks(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[n] float64: the midrank (from 1, ties averaged) of each value among the rows of its group."""
+    n = len(values)
+    order = np.lexsort((values, codes))  # by group, then value
+    c, v = codes[order], values[order]
+    position = np.arange(n)
+    new_group = np.r_[True, c[1:] != c[:-1]] if n else np.zeros(0, bool)
+    new_run = new_group | (np.r_[True, v[1:] != v[:-1]] if n else np.zeros(0, bool))
+    group_start = np.maximum.accumulate(np.where(new_group, position, 0)) if n else position
+    run_start = position[new_run]
+    run_end = np.r_[run_start[1:], n] - 1
+    run = np.cumsum(new_run) - 1
+    ranks = np.empty(n)
+    ranks[order] = (run_start + run_end)[run] / 2 + 1 - group_start
+    return ranks
 
 
 def per_gt_spearman(x, y, gt_id, image_id=None, min_count: int = 3) -> pd.DataFrame:
     """Spearman rho within each ground-truth box's rows, for boxes with >= min_count rows.
 
-    Returns one row per such box, sorted by gt_id: gt_id, image_id (of its first row; -1 if not
-    given), n, spearman (NaN where all x or all y of the box are tied). Rows with gt_id -1 are ignored.
+    Returns one row per such box, sorted by gt_id: gt_id, image_id (of its rows; -1 if not given),
+    n, spearman (NaN where all x or all y of the box are tied). Rows with gt_id -1 are ignored.
     """
     gt_id = np.asarray(gt_id, dtype=np.int64)
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     image_id = np.full(len(gt_id), -1, np.int64) if image_id is None else np.asarray(image_id, np.int64)
-    frame = pd.DataFrame({"g": gt_id, "x": x, "y": y, "img": image_id})
-    frame = frame[frame["g"] >= 0]
-    size = frame.groupby("g")["g"].transform("size").to_numpy()
-    frame = frame[size >= min_count]
-    if not len(frame):
-        return pd.DataFrame({"gt_id": np.zeros(0, np.int64), "image_id": np.zeros(0, np.int64),
-                             "n": np.zeros(0, np.int64), "spearman": np.zeros(0)})
-    ranks = frame.groupby("g")[["x", "y"]].rank(method="average")  # midranks within each box
-    codes, uniques = pd.factorize(frame["g"], sort=True)
-    n = np.bincount(codes).astype(np.float64)
+    matched = np.flatnonzero(gt_id >= 0)
+    _, codes, sizes = np.unique(gt_id[matched], return_inverse=True, return_counts=True)
+    rows = matched[sizes[codes.reshape(-1)] >= min_count]
+    ids, first, codes = np.unique(gt_id[rows], return_index=True, return_inverse=True)
+    codes = codes.reshape(-1)
+    n = np.bincount(codes, minlength=len(ids)).astype(np.float64)
     centre = (n[codes] + 1) / 2  # the mean midrank of a group of n rows
-    rx = ranks["x"].to_numpy() - centre
-    ry = ranks["y"].to_numpy() - centre
-    sxy = np.bincount(codes, rx * ry)
-    sxx = np.bincount(codes, rx * rx)
-    syy = np.bincount(codes, ry * ry)
+    rx = group_midranks(codes, x[rows]) - centre
+    ry = group_midranks(codes, y[rows]) - centre
+    sxy = np.bincount(codes, rx * ry, minlength=len(ids))
+    sxx = np.bincount(codes, rx * rx, minlength=len(ids))
+    syy = np.bincount(codes, ry * ry, minlength=len(ids))
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = np.where((sxx > 0) & (syy > 0), sxy / np.sqrt(sxx * syy), np.nan)
-    first_img = frame["img"].to_numpy()[np.unique(codes, return_index=True)[1]]
-    return pd.DataFrame({"gt_id": np.asarray(uniques, np.int64), "image_id": first_img,
+    return pd.DataFrame({"gt_id": ids.astype(np.int64), "image_id": image_id[rows][first],
                          "n": n.astype(np.int64), "spearman": np.clip(rho, -1.0, 1.0)})
 
 

@@ -23,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, LogNorm  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 DPI = 120  # PNG resolution: sharp on screen, small files
 MAX_COLS = 4  # panels per row before wrapping (keeps figures readable with 10 detectors)
@@ -54,25 +56,37 @@ def detector_palette(names) -> dict[str, str]:
 def figure_png(fig) -> bytes:
     """The figure as PNG bytes (tight layout, DPI); closes the figure."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
     plt.close(fig)
     return buf.getvalue()
 
 
-def _grid(num_panels: int, rows_per_block: int, width=3.0, height=2.6):
-    """Axes for `num_panels` panel-columns wrapped at MAX_COLS, each `rows_per_block` tall.
+LEGEND_BAND = 0.42  # inches reserved above grid figures for their one-row legend
 
+
+def _grid(num_panels: int, rows_per_block: int, width=2.35, height=2.05, max_cols: int = MAX_COLS,
+          gap_w=0.5, gap_h=0.72, left=0.62, right=0.2, bottom=0.5):
+    """Axes for `num_panels` panel-columns wrapped at `max_cols`, each `rows_per_block` tall.
+
+    Sizes are in inches (axes `width` x `height`, gaps between them, outer margins); the layout is
+    fixed here rather than by tight_layout, which would draw every figure one extra time.
     Returns the figure and a list, per panel, of its `rows_per_block` axes (top to bottom).
     """
-    ncols = min(num_panels, MAX_COLS)
-    blocks = math.ceil(num_panels / ncols)
-    fig, axes = plt.subplots(blocks * rows_per_block, ncols, figsize=(width * ncols + 0.6, height * blocks * rows_per_block),
-                             squeeze=False)
+    num_panels = max(num_panels, 1)
+    ncols = min(num_panels, max_cols)
+    nrows = math.ceil(num_panels / ncols) * rows_per_block
+    top = LEGEND_BAND + 0.3  # legend band + the first row's titles
+    fig_w = left + ncols * width + (ncols - 1) * gap_w + right
+    fig_h = top + nrows * height + (nrows - 1) * gap_h + bottom
+    fig, axes = plt.subplots(nrows, ncols, figsize=(fig_w, fig_h), squeeze=False)
+    fig.subplots_adjust(left=left / fig_w, right=1 - right / fig_w, bottom=bottom / fig_h, top=1 - top / fig_h,
+                        wspace=gap_w / width, hspace=gap_h / height)
+    fig.fixed_layout = True
     panels = []
     for p in range(num_panels):
         b, c = divmod(p, ncols)
         panels.append([axes[b * rows_per_block + r][c] for r in range(rows_per_block)])
-    for p in range(num_panels, blocks * ncols):  # unused cells of the last block
+    for p in range(num_panels, nrows // rows_per_block * ncols):  # unused cells of the last block
         b, c = divmod(p, ncols)
         for r in range(rows_per_block):
             axes[b * rows_per_block + r][c].set_visible(False)
@@ -80,15 +94,37 @@ def _grid(num_panels: int, rows_per_block: int, width=3.0, height=2.6):
 
 
 def _decorate_score_iou(ax, score_col: str, show_quadrant_label: bool = False) -> None:
-    """0.5 lines on both axes, the shaded quadrant IoU > 0.5 & score < 0.5, unit-square limits."""
-    ax.axvspan(0.5, 1.0, ymin=0.0, ymax=0.5, color=QUADRANT_COLOR, alpha=0.09, lw=0,
-               label=f"IoU > 0.5 but {SHORT.get(score_col, score_col)} < 0.5" if show_quadrant_label else None)
-    ax.axvline(0.5, color="0.35", lw=0.8, ls="--", zorder=1)
-    ax.axhline(0.5, color="0.35", lw=0.8, ls="--", zorder=1)
+    """0.5 lines on both axes, the shaded quadrant IoU > 0.5 & score < 0.5, unit-square limits.
+
+    The lines and the quadrant's outline are drawn above the data so a dense histogram cannot hide them.
+    """
+    label = f"IoU > 0.5 but {SHORT.get(score_col, score_col)} < 0.5" if show_quadrant_label else None
+    ax.add_patch(Rectangle((0.5, 0.0), 0.5, 0.5, facecolor=QUADRANT_COLOR, alpha=0.09, lw=0, zorder=0))
+    ax.add_patch(Rectangle((0.5, 0.0), 0.5, 0.5, fill=False, edgecolor=QUADRANT_COLOR, lw=1.0, alpha=0.8, zorder=4,
+                           label=label))
+    ax.axvline(0.5, color="0.25", lw=0.8, ls="--", zorder=5)
+    ax.axhline(0.5, color="0.25", lw=0.8, ls="--", zorder=5)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
+
+
+def _finish(fig, handles=(), labels=(), ncol=None):
+    """One legend for the whole figure, in a band above the panels; tight layout unless `_grid`
+    already fixed the layout (saving then takes a single draw)."""
+    fixed = getattr(fig, "fixed_layout", False)
+    if handles:
+        ncol = ncol or min(len(labels), 6)
+        band = 0.3 * math.ceil(len(labels) / ncol) + 0.12  # inches
+        has_markers = any(isinstance(h, Line2D) and h.get_linestyle() in ("None", "") for h in handles)
+        fig.legend(list(handles), list(labels), loc="upper center", bbox_to_anchor=(0.5, 1.0), frameon=False,
+                   ncol=ncol, markerscale=2.0 if has_markers else 1.0)
+        if not fixed:
+            fig.tight_layout(rect=(0, 0, 1, 1 - band / fig.get_figheight()))
+    elif not fixed:
+        fig.tight_layout()
+    return fig
 
 
 def _sample(frame: pd.DataFrame, max_points: int, seed: int) -> pd.DataFrame:
@@ -98,136 +134,144 @@ def _sample(frame: pd.DataFrame, max_points: int, seed: int) -> pd.DataFrame:
 
 
 def figure_score_iou_images(frames: dict, image_ids, score_col: str, palette: dict, *,
-                            max_points: int = 1500, seed: int = 0):
+                            post_only=(), max_points: int = 1500, seed: int = 0, max_cols: int = 3):
     """Figure 1, per image: `score_col` against IoU, before (top) and after (bottom) NMS.
 
     frames: detector name -> candidate rows (columns image_id, iou, kept and `score_col`; only
-    the chosen images are needed). One panel pair per image in `image_ids`; detectors overlaid in
-    their palette colour; at most `max_points` points per detector and panel (uniform sample).
+    the chosen images are needed). One panel pair per image in `image_ids`, wrapped at `max_cols`;
+    detectors overlaid in their palette colour; at most `max_points` points per detector and panel
+    (uniform sample). Detectors in `post_only` have no pre-NMS stage: only their kept rows are drawn.
     """
     image_ids = list(image_ids)
-    fig, panels = _grid(len(image_ids), 2)
+    fig, panels = _grid(len(image_ids), 2, max_cols=max_cols)
+    drawn = []
     for p, image_id in enumerate(image_ids):
         top, bottom = panels[p]
         for name, frame in frames.items():
             if score_col not in frame or frame[score_col].isna().all():
                 continue
+            if name not in drawn:
+                drawn.append(name)
             rows = frame[frame["image_id"] == image_id]
             for ax, stage_rows in ((top, rows), (bottom, rows[rows["kept"]])):
+                if ax is top and name in post_only:
+                    continue
                 shown = _sample(stage_rows, max_points, seed)
-                ax.scatter(shown["iou"], shown[score_col], s=7, alpha=0.55, color=palette[name], lw=0,
-                           label=f"{name} (n={len(stage_rows)})", rasterized=True)
+                ax.scatter(shown["iou"], shown[score_col], s=7, alpha=0.55, color=palette[name], lw=0, rasterized=True)
         for ax, stage in ((top, "pre_nms"), (bottom, "post_nms")):
-            _decorate_score_iou(ax, score_col, show_quadrant_label=(p == 0 and stage == "pre_nms"))
+            _decorate_score_iou(ax, score_col)
             ax.set_title(f"image {image_id} · {STAGE_LABELS[stage]}")
             ax.set_xlabel("IoU with ground truth")
-            ax.set_ylabel(SCORE_LABELS.get(score_col, score_col))
-            ax.legend(loc="upper left", frameon=False, markerscale=1.6, handletextpad=0.2)
-    fig.tight_layout()
-    return fig
+            if p % max_cols == 0:
+                ax.set_ylabel(SCORE_LABELS.get(score_col, score_col))
+    handles = [Line2D([], [], ls="", marker="o", ms=4, color=palette[n]) for n in drawn]
+    handles.append(Patch(facecolor=QUADRANT_COLOR, alpha=0.25, edgecolor=QUADRANT_COLOR))
+    labels = drawn + [f"IoU > 0.5 but {SHORT.get(score_col, score_col)} < 0.5"]
+    return _finish(fig, handles, labels)
 
 
 def _detector_cmap(color: str):
     return LinearSegmentedColormap.from_list("det", ["#ffffff", color, "#000000"], N=256)
 
 
-def figure_score_iou_density(frames: dict, score_col: str, palette: dict, *, bins: int = 50):
+def figure_score_iou_density(histograms: dict, edges: np.ndarray, score_col: str, palette: dict):
     """Figure 1 over the whole split: 2-D histogram of `score_col` against IoU (log colour scale).
 
-    frames: detector name -> candidate rows (columns iou, kept, `score_col`). One column per
-    detector (wrapped at MAX_COLS), rows before / after NMS, colour map in the detector's colour.
-    Detectors whose `score_col` is all NaN are skipped.
+    histograms: detector -> {"pre_nms": counts or None, "post_nms": counts}, counts [bins, bins]
+    indexed [score bin, IoU bin] (misalign.counts.score_iou_histogram); None = the dump has no such
+    stage. edges [bins + 1] on [0, 1]. One column per detector (wrapped at MAX_COLS), rows before /
+    after NMS, colour map in the detector's colour.
     """
-    names = [n for n, f in frames.items() if score_col in f and not f[score_col].isna().all()]
-    fig, panels = _grid(len(names), 2, width=3.3)
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    names = list(histograms)
+    fig, panels = _grid(len(names), 2, width=2.9, gap_w=0.95, right=0.75)
     for p, name in enumerate(names):
-        frame = frames[name]
-        iou = frame["iou"].to_numpy(np.float64)
-        score = frame[score_col].to_numpy(np.float64)
-        kept = frame["kept"].to_numpy(bool)
-        for ax, mask, stage in ((panels[p][0], None, "pre_nms"), (panels[p][1], kept, "post_nms")):
-            x, y = (iou, score) if mask is None else (iou[mask], score[mask])
-            counts, _, _ = np.histogram2d(np.clip(x, 0, 1), np.clip(y, 0, 1), bins=[edges, edges])  # [bins, bins]
-            shown = np.ma.masked_equal(counts.T, 0)
-            vmax = max(counts.max(), 1.0)
-            mesh = ax.pcolormesh(edges, edges, shown, cmap=_detector_cmap(palette[name]),
-                                 norm=LogNorm(vmin=1, vmax=max(vmax, 1.5)), rasterized=True)
-            fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.02).set_label("boxes per cell", fontsize=7.5)
-            _decorate_score_iou(ax, score_col, show_quadrant_label=(p == 0 and stage == "pre_nms"))
-            ax.set_title(f"{name} · {STAGE_LABELS[stage]} (n={len(x):,})", color=palette[name])
+        for ax, stage in zip(panels[p], ("pre_nms", "post_nms")):
+            counts = histograms[name].get(stage)
+            _decorate_score_iou(ax, score_col)
             ax.set_xlabel("IoU with ground truth")
-            ax.set_ylabel(SCORE_LABELS.get(score_col, score_col))
-            if p == 0 and stage == "pre_nms":
-                ax.legend(loc="upper left", frameon=False)
-    fig.tight_layout()
-    return fig
+            if p % MAX_COLS == 0:
+                ax.set_ylabel(SCORE_LABELS.get(score_col, score_col))
+            if counts is None:
+                ax.set_title(f"{name} · {STAGE_LABELS[stage]}", color=palette[name])
+                ax.text(0.5, 0.5, "no pre-NMS stage\nin this dump", ha="center", va="center", color="0.4",
+                        transform=ax.transAxes)
+                continue
+            counts = np.asarray(counts, dtype=np.float64)
+            mesh = ax.pcolormesh(edges, edges, np.ma.masked_equal(counts, 0), cmap=_detector_cmap(palette[name]),
+                                 norm=LogNorm(vmin=1, vmax=max(counts.max(), 2.0)), rasterized=True)
+            fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.02).set_label("boxes per cell", fontsize=7.5)
+            ax.set_title(f"{name} · {STAGE_LABELS[stage]} (n={int(counts.sum()):,})", color=palette[name])
+    return _finish(fig, [Patch(facecolor=QUADRANT_COLOR, alpha=0.25, edgecolor=QUADRANT_COLOR)],
+                   [f"IoU > 0.5 but {SHORT.get(score_col, score_col)} < 0.5 (the paper's misaligned quadrant)"])
 
 
 def figure_proportions(proportions: dict, survival: dict, palette: dict):
-    """Figure 2 overall: proportion of boxes meeting each condition before (solid) and after
-    (dashed) NMS, and the survival rate (after / before count) of each condition.
+    """Figure 2 overall: share of boxes meeting each condition before (solid) and after (dashed)
+    NMS - cls conditions and IoU conditions in separate panels, each on its own scale - and the
+    survival rate (after / before count) of each condition.
 
     proportions: detector -> {"pre_nms": {cond: p}, "post_nms": {cond: p}} (metrics.json's
     `proportions`); survival: detector -> {cond: r}. Conditions in metrics.json order.
     """
-    fig, (ax_p, ax_s) = plt.subplots(1, 2, figsize=(12.5, 3.9))
+    fig, (ax_c, ax_i, ax_s) = plt.subplots(1, 3, figsize=(13.5, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.5]})
     names = list(proportions)
-    conditions = list(next(iter(proportions.values()))["pre_nms"]) if names else []
+    conditions = list(dict.fromkeys(c for n in names for c in proportions[n].get("pre_nms", {})))
+    for ax, prefix in ((ax_c, "cls"), (ax_i, "iou")):
+        conds = [c for c in conditions if c.startswith(prefix)]
+        x = np.arange(len(conds))
+        for name in names:
+            for stage, ls, marker in (("pre_nms", "-", "o"), ("post_nms", "--", "s")):
+                values = [100.0 * proportions[name].get(stage, {}).get(c, np.nan) for c in conds]
+                ax.plot(x, values, ls=ls, marker=marker, ms=4, color=palette[name])
+        ax.set_xticks(x, conds, rotation=45, ha="right")
+        ax.set_ylabel("boxes meeting the condition (% of stage)")
+        ax.set_title(f"{prefix} conditions: share of boxes")
+        ax.set_ylim(bottom=0)
+        ax.grid(axis="y", alpha=0.3)
     x = np.arange(len(conditions))
-    for name in names:
-        for stage, ls, marker in (("pre_nms", "-", "o"), ("post_nms", "--", "s")):
-            values = [100.0 * proportions[name][stage].get(c, np.nan) for c in conditions]
-            ax_p.plot(x, values, ls=ls, marker=marker, ms=4, color=palette[name], label=f"{name} · {STAGE_LABELS[stage]}")
-    ax_p.set_xticks(x, conditions, rotation=45, ha="right")
-    ax_p.set_ylabel("boxes meeting the condition (% of stage)")
-    ax_p.set_title("proportion of boxes per condition, before (solid) / after (dashed) NMS")
-    ax_p.set_ylim(bottom=0)
-    ax_p.grid(axis="y", alpha=0.3)
-    ax_p.legend(frameon=False, ncol=1 if len(names) < 4 else 2)
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         values = [100.0 * survival[name].get(c, np.nan) for c in conditions]
-        ax_s.bar(x - 0.4 + width * (i + 0.5), values, width=width, color=palette[name], label=name)
+        ax_s.bar(x - 0.4 + width * (i + 0.5), values, width=width, color=palette[name])
     ax_s.set_xticks(x, conditions, rotation=45, ha="right")
-    ax_s.set_ylabel("survival through NMS (% of pre-NMS boxes kept)")
+    ax_s.set_ylabel("kept after NMS (% of pre-NMS boxes)")
     ax_s.set_title("survival rate = after-NMS count / before-NMS count")
     ax_s.grid(axis="y", alpha=0.3)
-    ax_s.legend(frameon=False)
-    fig.tight_layout()
-    return fig
+    handles = [Patch(color=palette[n]) for n in names]
+    handles += [Line2D([], [], color="0.3", ls="-", marker="o", ms=4), Line2D([], [], color="0.3", ls="--", marker="s", ms=4)]
+    return _finish(fig, handles, names + ["before NMS", "after NMS"], ncol=min(len(names) + 2, 8))
 
 
 def figure_proportions_per_image(per_image: dict, palette: dict, conditions=("cls>0.5", "iou>0.5")):
-    """Figure 2 per image, as in the paper: proportion of cls>0.5 and iou>0.5 boxes per image,
+    """Figure 2 per image, as in the paper: proportion of cls>0.5 and iou>0.5 boxes in each image,
     before (solid) and after (dashed) NMS; one panel per detector.
 
-    per_image: detector -> DataFrame with columns image_id, stage ('pre_nms'/'post_nms'),
-    condition, proportion (0-1), for the chosen images.
+    per_image: detector -> DataFrame with columns image_id, condition, pre_nms, post_nms
+    (proportions 0-1; misalign's Analysis.per_image_proportions) for the chosen images.
     """
     names = list(per_image)
-    fig, panels = _grid(len(names), 1, width=4.2, height=3.0)
+    fig, panels = _grid(len(names), 1, width=4.0, height=2.6, gap_w=0.7, bottom=0.75, gap_h=1.0)
     markers = {"cls": "o", "iou": "^"}
     for p, name in enumerate(names):
         ax = panels[p][0]
         frame = per_image[name]
-        image_ids = sorted(frame["image_id"].unique())
+        image_ids = list(dict.fromkeys(frame["image_id"].tolist()))
         x = np.arange(len(image_ids))
         for cond in conditions:
+            sel = frame[frame["condition"] == cond].set_index("image_id").reindex(image_ids)
             for stage, ls in (("pre_nms", "-"), ("post_nms", "--")):
-                sel = frame[(frame["condition"] == cond) & (frame["stage"] == stage)].set_index("image_id")
-                values = 100.0 * sel["proportion"].reindex(image_ids).to_numpy(np.float64)
-                ax.plot(x, values, ls=ls, marker=markers[cond[:3]], ms=4, color=palette[name],
-                        alpha=1.0 if cond.startswith("iou") else 0.6, label=f"{cond} {STAGE_LABELS[stage]}")
+                ax.plot(x, 100.0 * sel[stage].to_numpy(np.float64), ls=ls, marker=markers[cond[:3]], ms=4,
+                        color=palette[name], alpha=1.0 if cond.startswith("iou") else 0.55)
         ax.set_xticks(x, [str(i) for i in image_ids], rotation=45, ha="right")
         ax.set_xlabel("image id")
-        ax.set_ylabel("boxes meeting the condition (%)")
+        ax.set_ylabel("boxes meeting the condition (% of stage)")
         ax.set_title(name, color=palette[name])
         ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    return fig
+    handles = [Line2D([], [], color="0.3", ls=ls, marker=markers[c[:3]], ms=4) for c in conditions
+               for ls in ("-", "--")]
+    labels = [f"{c} {STAGE_LABELS[s]}" for c in conditions for s in ("pre_nms", "post_nms")]
+    return _finish(fig, handles, labels)
 
 
 def figure_correlation(correlation: dict, palette: dict):
@@ -249,11 +293,10 @@ def figure_correlation(correlation: dict, palette: dict):
             lo, hi = (stats.get("ci95", {}).get("spearman") or [np.nan, np.nan])
             if rho is not None and np.isfinite(rho):
                 err = [[max(rho - lo, 0)], [max(hi - rho, 0)]] if np.isfinite([lo, hi]).all() else None
-                ax_r.errorbar(rho, y, xerr=err, fmt="o", color=palette[name], ms=5, capsize=3,
-                              label=name if j == 0 else None)
+                ax_r.errorbar(rho, y, xerr=err, fmt="o", color=palette[name], ms=5, capsize=3)
             div = stats.get("divergence")
             if div is not None and np.isfinite(div):
-                ax_d.barh(y, div, height=step * 0.9, color=palette[name], label=name if j == 0 else None)
+                ax_d.barh(y, div, height=step * 0.9, color=palette[name])
     for ax in (ax_r, ax_d):
         ax.set_yticks(np.arange(len(columns)), [SHORT[c] for c in columns])
         ax.set_ylim(len(columns) - 0.5, -0.5)
@@ -266,17 +309,13 @@ def figure_correlation(correlation: dict, palette: dict):
     ax_d.axvline(0.5, color="0.4", lw=0.8, ls=":")
     ax_d.set_xlabel("divergence = (1 − mean per-gt Spearman ρ) / 2   (0 = aligned, 0.5 = unrelated, 1 = reversed)")
     ax_d.set_title("ranking divergence per ground-truth box")
-    handles, labels = ax_r.get_legend_handles_labels()
-    if handles:
-        ax_r.legend(handles, labels, frameon=False, loc="lower left", fontsize=7.5)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, [Patch(color=palette[n]) for n in names], names, ncol=min(len(names), 8))
 
 
 def figure_ap(ap: dict, palette: dict, keys=("AP", "AP50", "AP75", "APs", "APm", "APl")):
     """COCO AP of every detector, grouped bars (AP in %, pycocotools' numbers)."""
     names = list(ap)
-    fig, ax = plt.subplots(figsize=(7.5, 3.0))
+    fig, ax = plt.subplots(figsize=(6.5, 2.5))
     x = np.arange(len(keys))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
@@ -285,6 +324,4 @@ def figure_ap(ap: dict, palette: dict, keys=("AP", "AP50", "AP75", "APs", "APm",
     ax.set_xticks(x, keys)
     ax.set_ylabel("COCO AP (%)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(frameon=False, fontsize=7.5)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, [Patch(color=palette[n]) for n in names], names, ncol=min(len(names), 5))

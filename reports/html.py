@@ -58,7 +58,8 @@ class Table:
     colors: dict = field(default_factory=dict)  # first-cell value -> swatch colour
     groups: str | None = None  # column whose changes start a group row (not shown as a column)
     detector: str | None = None  # Table 1 per detector: its name
-    num_shown: int = 0
+    num_shown: int = 0  # Table 1 per detector: images shown one by one
+    csv: pd.DataFrame | None = None  # what tables/<key>.csv holds when it differs from `frame` (full numbers)
 
     def context(self) -> dict:
         """The dict the template's `table` macro reads."""

@@ -12,22 +12,17 @@ Everything is vectorised over images: 5,000 images x 1,000 candidates take a few
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from misalign import __version__
 from misalign.io import atomic_dir, write_json_atomic
+from misalign.ledger import LedgerWriter
+from misalign.truth import CLS_THRESHOLDS, IOU_THRESHOLDS
 
-CLS_THRESHOLDS = (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)  # Table 1's classification thresholds
-IOU_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # Table 1's IoU thresholds
 
 
 @dataclass
@@ -46,31 +41,6 @@ class SyntheticConfig:
     crowd_fraction: float = 0.03  # ground-truth boxes marked iscrowd=1 (ignored by `iou`)
     post_nms_only: bool = False  # imitate an imported results file: kept rows only, no pre-NMS stage
     name: str = "synthetic"  # detector name written into meta.json
-
-
-def _schemas():
-    """The ledger schemas: misalign.ledger's when it exists, else DESIGN.md §3.3 spelled out here."""
-    try:
-        from misalign.ledger import CANDIDATE_SCHEMA, IMAGE_SCHEMA, RAW_COUNT_SCHEMA
-
-        return CANDIDATE_SCHEMA, IMAGE_SCHEMA, RAW_COUNT_SCHEMA
-    except ImportError:  # pragma: no cover - only while misalign.ledger is being written
-        f32, i64 = pa.float32(), pa.int64()
-        cand = pa.schema(
-            [("cand_id", i64), ("image_id", i64), ("category_id", i64), ("x1", f32), ("y1", f32),
-             ("x2", f32), ("y2", f32), ("cls_score", f32), ("obj_score", f32), ("score", f32),
-             ("level", pa.int8()), ("anchor_idx", pa.int32()), ("kept", pa.bool_()),
-             ("suppressed_by", i64), ("iou", f32), ("gt_id", i64), ("iou_any", f32)]
-        )
-        img = pa.schema(
-            [("image_id", i64), ("file_name", pa.string()), ("width", i64), ("height", i64),
-             ("num_gt", i64), ("num_anchors", i64), ("num_pos_anchors", i64)]
-        )
-        raw = pa.schema(
-            [("image_id", i64), ("stage", pa.string()), ("quantity", pa.string()),
-             ("threshold", pa.float64()), ("count", i64)]
-        )
-        return cand, img, raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,38 +204,24 @@ def _group_first(keys: np.ndarray, score: np.ndarray):
 
 
 def imitate_nms(image_idx, category, source, score, kept_per_image):
-    """kept [N] bool and suppressed_by as row index [N] (-1) for flat candidate arrays.
+    """kept [N] bool and suppressed_by as a row index [N] (-1 = survived) for flat candidate arrays.
 
     One survivor per (image, category, source object) - background rows are their own group -
-    then the best `kept_per_image` survivors of each image by score. A suppressed row points at its
-    group's survivor when that one is kept, else at the best kept row of its (image, category).
+    then the best `kept_per_image` survivors of each image by score (max-detections). Every other
+    row is suppressed by its group's survivor, which max-detections may have cut (as in the ledger).
     """
     n = len(score)
-    num_cat = int(category.max()) + 1
-    span = int(source.max()) + 2
+    num_cat = int(category.max()) + 1 if n else 1
+    span = int(source.max()) + 2 if n else 1
     group_src = np.where(source >= 0, source, span + np.arange(n))  # background: unique groups
     key = (image_idx * num_cat + category) * (span + n + 1) + group_src
     order, rank, first = _group_first(key, score)
     survivor = rank == 0
-    # rank survivors within the image by score
-    img_key = np.where(survivor, image_idx, -1)
-    _, img_rank, _ = _group_first(img_key, score)
+    _, img_rank, _ = _group_first(np.where(survivor, image_idx, -1), score)  # survivors ranked per image
     kept = survivor & (img_rank < kept_per_image)
     group_top = np.empty(n, np.int64)
     group_top[order] = order[first]  # row index of each row's group survivor
-    suppressed_by = np.where(kept[group_top], group_top, -1)
-    # fallback: the best kept row of the same (image, category)
-    ic_key = image_idx * num_cat + category
-    kept_rows = np.flatnonzero(kept)
-    fallback = np.full(n, -1, np.int64)
-    if len(kept_rows):
-        k_order = kept_rows[np.lexsort((-score[kept_rows], ic_key[kept_rows]))]
-        uniq, first_pos = np.unique(ic_key[k_order], return_index=True)
-        pos = np.clip(np.searchsorted(uniq, ic_key), 0, len(uniq) - 1)
-        fallback = np.where(uniq[pos] == ic_key, k_order[first_pos][pos], -1)
-    suppressed_by = np.where(suppressed_by < 0, fallback, suppressed_by)
-    suppressed_by[kept] = -1
-    suppressed_by[survivor & ~kept] = -1  # cut by max-detections, not suppressed
+    suppressed_by = np.where(survivor, -1, group_top)
     return kept, suppressed_by
 
 
@@ -299,11 +255,6 @@ def _raw_counts(cfg, rng, image_ids, image_idx, cls, iou_any, num_gt):
     return table.reset_index(drop=True), num_anchors, pos.astype(np.int64)
 
 
-def _write_parquet(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
-    table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
-    pq.write_table(table, path, row_group_size=1 << 20)
-
-
 def synthetic_ledger(
     folder,
     num_images: int = 20,
@@ -335,7 +286,6 @@ def synthetic_ledger(
     else:
         coco = make_ground_truth(cfg, np.random.default_rng(seed + 7919))
         write_json_atomic(gt_path, coco, indent=None)
-    cand_schema, image_schema, raw_schema = _schemas()
 
     images = pd.DataFrame(coco["images"]).sort_values("id", kind="stable")
     image_ids = images["id"].to_numpy(np.int64)
@@ -372,49 +322,42 @@ def synthetic_ledger(
         cands["cls_score"] = cands["score"]
         cands["obj_score"] = np.float32("nan")
         raw = raw.iloc[0:0]
-        num_anchors = np.zeros(num_images, np.int64)
-        num_pos = np.zeros(num_images, np.int64)
+        num_anchors = np.full(num_images, -1, np.int64)  # unknown, as misalign.ledger writes for imports
+        num_pos = np.full(num_images, -1, np.int64)
     image_table = pd.DataFrame({
         "image_id": image_ids, "file_name": images["file_name"].to_numpy(), "width": images["width"].to_numpy(),
         "height": images["height"].to_numpy(), "num_gt": num_gt, "num_anchors": num_anchors, "num_pos_anchors": num_pos,
     })
-    meta = _meta(cfg, gt_path)
-    with atomic_dir(folder) as tmp:
-        _write_parquet(cands, cand_schema, tmp / "candidates.parquet")
-        _write_parquet(image_table, image_schema, tmp / "images.parquet")
-        _write_parquet(raw, raw_schema, tmp / "raw_counts.parquet")
-        write_json_atomic(tmp / "meta.json", meta)
-        _write_detections(cands[cands["kept"]], tmp / "detections.json")
+    with atomic_dir(folder) as tmp, LedgerWriter(tmp) as writer:
+        writer.add_images(image_table)
+        writer.add_raw_counts(raw)
+        _add_candidates(writer, cands)
+        writer.close(_meta(cfg, gt_path))
     return gt_path
 
 
+def _add_candidates(writer, cands: pd.DataFrame, images_per_call: int = 500) -> None:
+    """Hand the rows to LedgerWriter in chunks of whole images, suppressed_by as a per-image position."""
+    image_ids = cands["image_id"].to_numpy()
+    starts = np.r_[0, np.flatnonzero(np.diff(image_ids)) + 1]
+    first = np.repeat(starts, np.diff(np.r_[starts, len(cands)]))  # [N] first row of each row's image
+    row_of = pd.Series(np.arange(len(cands)), index=cands["cand_id"].to_numpy())
+    sup = cands["suppressed_by"].to_numpy()
+    local = np.where(sup >= 0, row_of.reindex(sup).fillna(-1).to_numpy(np.int64) - first, -1)
+    frame = cands.drop(columns=["cand_id"]).assign(suppressed_by=local)
+    bounds = np.r_[starts[::images_per_call], len(cands)]
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        writer.add_candidates(frame.iloc[s:e])
+
+
 def _meta(cfg: SyntheticConfig, gt_path: Path) -> dict:
+    """meta.json's caller keys (misalign.ledger.META_KEYS); the writer adds counts and versions."""
     formula = "obj^alpha*cls^(1-alpha)" if cfg.with_obj else "cls"
     return {
-        "schema": 1,
-        "detector": {"name": cfg.name, "config": asdict(cfg), "source": "reports.synthetic"},
+        "pre_nms": not cfg.post_nms_only,
+        "detector": {"name": cfg.name, "config": {**asdict(cfg), "source": "reports.synthetic"}},
         "checkpoint_sha256": None,
         "dataset": {"ann": str(Path(gt_path).resolve()), "images": None, "split": "synthetic"},
         "postprocess": {"score_thresh": 0.05, "topk": 1000, "nms_thresh": 0.5, "max_det": cfg.kept_per_image,
                         "score_formula": formula, "alpha": cfg.alpha if cfg.with_obj else None},
-        "pre_nms": not cfg.post_nms_only,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "version": __version__,
     }
-
-
-def _write_detections(kept: pd.DataFrame, path: Path) -> None:
-    """detections.json in COCO results format; written with numpy formatting, not a dict per row."""
-    x = kept["x1"].to_numpy(np.float64)
-    y = kept["y1"].to_numpy(np.float64)
-    w = kept["x2"].to_numpy(np.float64) - x
-    h = kept["y2"].to_numpy(np.float64) - y
-    parts = [
-        f'{{"image_id": {i}, "category_id": {c}, "bbox": [{a:.2f}, {b:.2f}, {d:.2f}, {e:.2f}], "score": {s:.6g}}}'
-        for i, c, a, b, d, e, s in zip(kept["image_id"].tolist(), kept["category_id"].tolist(), x.tolist(),
-                                        y.tolist(), w.tolist(), h.tolist(), kept["score"].astype(np.float64).tolist())
-    ]
-    with open(path, "w") as fh:
-        fh.write("[" + ",\n".join(parts) + "]\n")
-        fh.flush()
-        os.fsync(fh.fileno())

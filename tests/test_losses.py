@@ -148,13 +148,20 @@ def test_detach_iou_target_controls_gradient_into_regression(detach):
     out = _head_outputs()
     out["bbox_deltas"][0, 0] = torch.tensor([0.1, 0.0, 0.0, 0.0])
     out["bbox_deltas"].requires_grad_(True)
+    out["obj_logits"][0, 0] = 1.0  # d BCE / d target = -logit: non-zero
     out["obj_logits"].requires_grad_(True)
     settings = LossSettings(detach_iou_target=detach)
     losses = detection_losses(out, ANCHORS, assign_anchors(ANCHORS, [GT], MATCHER), BOX_CODER, settings)
-    grad, obj_grad = torch.autograd.grad(losses["objectness"], [out["bbox_deltas"], out["obj_logits"]])
+    grad, obj_grad = torch.autograd.grad(
+        losses["objectness"], [out["bbox_deltas"], out["obj_logits"]], allow_unused=True, materialize_grads=True
+    )
     assert obj_grad.abs().sum() > 0
-    # d BCE / d target = -logit = -1, times d IoU / d dx (IoU = (10 - 10 dx) / (10 + 10 dx) near dx = 0.1).
-    assert (grad.abs().sum() == 0) == detach
+    if detach:
+        assert grad.abs().sum() == 0
+    else:
+        # d loss / d dx = -logit * d IoU / d dx; the box is [10 dx, 0, 10 + 10 dx, 10], so
+        # IoU = (1 - dx) / (1 + dx) and d IoU / d dx = -2 / (1 + dx)^2 = -2 / 1.21.
+        assert grad[0, 0, 0].item() == pytest.approx(2 / 1.21, rel=1e-4)
 
 
 def test_objectness_loss_ce_is_bce_with_logits_and_unknown_kind_fails():

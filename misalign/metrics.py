@@ -1,0 +1,369 @@
+"""metrics.json for one or more dumps (DESIGN.md §3.4), and the tables behind the report.
+
+`analyze(ledger, gt)` reads what it needs once and returns an `Analysis`: the metrics.json entry
+of the detector, the per-image counts (Table 1, Figure 2), the per-gt Spearman table and the
+bootstrap replicates used for confidence intervals and for comparing detectors. Bootstrap
+resamples are drawn over the ledger's images sorted by id, from `seed`: two dumps of the same
+images analysed with the same seed and B share their resamples, so their differences are paired.
+
+Conventions (see also misalign.counts and misalign.correlation): AP is COCOeval's (pycocotools, or
+faster-coco-eval, which gives identical numbers) on the kept rows ranked by `score`, with every
+image of images.parquet evaluated. For a post-NMS-only ledger (meta.json `pre_nms: false`, e.g. a
+COCO results import) there is no pre-NMS stage: its pre_nms counts, proportions and survival are
+empty, and the correlations are taken over the kept boxes, the only pool it has. Undefined numbers
+(a correlation of constant scores, a CI without resamples) are None (null in JSON).
+
+Public API:
+- ANALYSIS_COLUMNS, SCORE_COLUMNS, DEFAULT_BOOTSTRAP, METRICS_SCHEMA
+- load_ground_truth(path, backend="auto") -> COCO object (pycocotools or faster-coco-eval)
+- evaluate_ap(coco_gt, kept, image_ids) -> {"AP": .., ..., "ARl": ..}
+- analyze(ledger, gt=None, *, min_iou, bootstrap, seed, ap_backend) -> Analysis
+- compute_metrics(ledger, gt=None, **same) -> dict (one detector's metrics.json entry)
+- metrics_document(analyses) -> {"schema": 1, "detectors": {...}}
+- summary_table(analyses) -> DataFrame (one row per detector: the headline numbers with CIs)
+- compare(analyses, reference=None) -> DataFrame (differences to a reference detector, with CIs)
+- Analysis.table1(num_images=10), Analysis.per_image_proportions(image_ids=None) -> DataFrame
+- from misalign.counts: per_image_counts, table1, per_image_proportions, score_iou_histogram, quadrant_counts
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from misalign import counts as _counts
+from misalign.cocoeval import STAT_KEYS, evaluate_detections, load_gt_quietly
+from misalign.correlation import (RankedPool, bootstrap_counts, correlation_pool, per_gt_spearman,
+                                  percentile_ci, rank_correlations)
+from misalign.errors import InputError
+from misalign.ledger import Ledger, read_ledger
+
+log = logging.getLogger(__name__)
+
+METRICS_SCHEMA = 1
+ANALYSIS_COLUMNS = ["image_id", "category_id", "x1", "y1", "x2", "y2", "cls_score", "obj_score", "score",
+                    "kept", "iou", "gt_id"]  # the candidates columns every analysis needs
+SCORE_COLUMNS = ("cls_score", "obj_score", "score")
+DEFAULT_BOOTSTRAP = 200  # resamples; ~20 ms each per million pool rows for three score columns
+HEADLINE_CONDITIONS = ("iou>0.5", "cls>0.5")  # survival rates with bootstrap replicates
+
+
+# --- AP ------------------------------------------------------------------------------------------
+
+
+def load_ground_truth(path, backend: str = "auto"):
+    """The COCO ground truth in `path` for AP: faster-coco-eval's COCO ('faster'), pycocotools'
+    ('pycocotools'), or faster-coco-eval when installed ('auto'). InputError if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: ground-truth file not found")
+    if backend not in ("auto", "faster", "pycocotools"):
+        raise ValueError(f"unknown AP backend {backend!r}")
+    if backend in ("auto", "faster"):
+        try:
+            from faster_coco_eval import COCO as FasterCOCO
+        except ImportError:
+            if backend == "faster":
+                raise InputError("--ap-backend: faster-coco-eval is not installed") from None
+        else:
+            return _load_quietly(FasterCOCO, path)
+    return _load_quietly(None, path)
+
+
+def _load_quietly(cls, path: Path):
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return load_gt_quietly(path) if cls is None else cls(str(path))
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: not a COCO annotation file ({err})") from None
+
+
+def _is_faster(coco_gt) -> bool:
+    return type(coco_gt).__module__.startswith("faster_coco_eval")
+
+
+def evaluate_ap(coco_gt, kept: pd.DataFrame, image_ids) -> dict[str, float]:
+    """COCOeval bbox stats (STAT_KEYS) of the rows `kept` (image_id, category_id, x1..y2, score).
+
+    coco_gt from `load_ground_truth` (either backend; both give identical numbers); image_ids:
+    every image to evaluate (images without detections count their misses).
+    """
+    x1, y1 = kept["x1"].to_numpy(np.float64), kept["y1"].to_numpy(np.float64)
+    dets = np.column_stack([
+        kept["image_id"].to_numpy(np.float64), x1, y1,
+        kept["x2"].to_numpy(np.float64) - x1, kept["y2"].to_numpy(np.float64) - y1,
+        kept["score"].to_numpy(np.float64), kept["category_id"].to_numpy(np.float64),
+    ])  # [N, 7] pycocotools' loadNumpyAnnotations layout
+    if not _is_faster(coco_gt):
+        return evaluate_detections(coco_gt, dets, image_ids)
+    from faster_coco_eval import COCOeval_faster
+
+    if len(dets) == 0:
+        return {key: 0.0 for key in STAT_KEYS}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(dets)
+        evaluator = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *args: None)
+        evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {key: float(value) for key, value in zip(STAT_KEYS, evaluator.stats)}
+
+
+def check_ground_truth(ledger: Ledger, coco_gt, gt_name: str) -> None:
+    """InputError unless every image of the ledger and every category of its kept rows is in the gt."""
+    gt_images = np.asarray(sorted(coco_gt.getImgIds()), np.int64)
+    ids = ledger.images["image_id"].to_numpy(np.int64)
+    pos = np.clip(np.searchsorted(gt_images, ids), 0, max(len(gt_images) - 1, 0))
+    missing = ids[(gt_images[pos] != ids) if len(gt_images) else np.ones(len(ids), bool)]
+    if len(missing):
+        raise InputError(f"{gt_name}: ground truth does not match the ledger {ledger.folder}: "
+                         f"image_id {missing[0]} of images.parquet is not in it ({len(missing)} such images)")
+    cats = np.unique(ledger.candidates["category_id"].to_numpy(np.int64))
+    unknown = np.setdiff1d(cats, np.asarray(coco_gt.getCatIds(), np.int64))
+    if len(unknown):
+        raise InputError(f"{gt_name}: ground truth does not match the ledger {ledger.folder}: "
+                         f"category_id {unknown[0]} of candidates.parquet is not in it")
+
+
+def _resolve_gt(ledger: Ledger, gt, backend: str):
+    """(COCO object, name) from `gt` (path or loaded COCO) or the ledger's meta.json dataset.ann."""
+    if gt is None:
+        ann = (ledger.meta.get("dataset") or {}).get("ann")
+        if not ann:
+            raise InputError(f"{ledger.folder / 'meta.json'}: names no ground truth (dataset.ann); give it with --gt")
+        gt = ann
+    if isinstance(gt, (str, Path)):
+        return load_ground_truth(gt, backend), str(gt)
+    return gt, "ground truth"
+
+
+# --- the analysis of one dump --------------------------------------------------------------------
+
+
+@dataclass
+class Analysis:
+    """Everything misalign computes from one ledger (see the module doc)."""
+
+    name: str
+    metrics: dict  # this detector's metrics.json entry
+    per_image: pd.DataFrame  # per-image counts, index image_id, columns (stage, condition)
+    per_gt: dict[str, pd.DataFrame]  # score column -> per_gt_spearman table
+    replicates: dict[str, np.ndarray]  # 'spearman:<col>', 'divergence:<col>', 'survival:<cond>' -> [B]
+    image_ids: np.ndarray  # sorted image ids: the bootstrap's index space
+    settings: dict = field(default_factory=dict)  # min_iou, bootstrap, seed, ap_backend, min_count, pool
+
+    def table1(self, num_images: int = 10, image_ids=None) -> pd.DataFrame:
+        """Table 1 (see misalign.counts.table1)."""
+        return _counts.table1(self.per_image, num_images, image_ids)
+
+    def per_image_proportions(self, image_ids=None) -> pd.DataFrame:
+        """Figure 2 per image (see misalign.counts.per_image_proportions)."""
+        return _counts.per_image_proportions(self.per_image, image_ids)
+
+
+def _finite(value):
+    """float, or None for NaN / inf (JSON has no NaN)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _score_columns(candidates: pd.DataFrame) -> list[str]:
+    """cls_score, obj_score (unless all NaN or absent), score."""
+    present = [c for c in SCORE_COLUMNS if c in candidates.columns]
+    return [c for c in present if c != "obj_score" or bool(np.isfinite(candidates[c].to_numpy()).any())]
+
+
+def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_count):
+    """(metrics 'correlation' dict, per-gt tables, replicates) for each score column."""
+    result, per_gt, replicates, spearman = {}, {}, {}, {}
+    num_images = len(image_ids)
+    pools = {}
+    for column in columns:
+        x, y, img, gt = correlation_pool(candidates, column, min_iou)
+        pos = np.searchsorted(image_ids, img)  # [n] bootstrap index of each pool row
+        pools[column] = (x, y, pos, gt, img)
+    # columns whose pools hold the same rows share one RankedPool (and its IoU ordering)
+    iou = candidates["iou"].to_numpy()
+    in_pool = iou >= np.asarray(min_iou, iou.dtype)
+    masks = {c: in_pool & np.isfinite(candidates[c].to_numpy()) for c in columns}
+    groups: list[list[str]] = []
+    for column in columns:
+        for group in groups:
+            if np.array_equal(masks[group[0]], masks[column]):
+                group.append(column)
+                break
+        else:
+            groups.append([column])
+    for group in groups:
+        _, y, pos, _, _ = pools[group[0]]
+        ranked = RankedPool([pools[c][0] for c in group], y, pos, num_images)
+        reps = ranked.replicates(counts_matrix) if len(counts_matrix) else np.zeros((0, len(group)))
+        point = ranked.spearman(np.ones(num_images))  # = scipy's spearmanr on the pool, at no extra sort
+        for k, column in enumerate(group):
+            replicates[f"spearman:{column}"] = reps[:, k]
+            spearman[column] = point[k]
+    for column in columns:
+        x, y, pos, gt, img = pools[column]
+        table = per_gt_spearman(x, y, gt, img, min_count)
+        per_gt[column] = table
+        defined = table[np.isfinite(table["spearman"].to_numpy())]
+        mean_rho = float(defined["spearman"].mean()) if len(defined) else np.nan
+        gt_pos = np.searchsorted(image_ids, defined["image_id"].to_numpy(np.int64))
+        rho_sum = np.bincount(gt_pos, defined["spearman"].to_numpy(), minlength=num_images)
+        rho_num = np.bincount(gt_pos, minlength=num_images).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            replicates[f"divergence:{column}"] = (1 - (counts_matrix @ rho_sum) / (counts_matrix @ rho_num)) / 2
+        entry = {"spearman": spearman[column], **rank_correlations(x, y, spearman=False)}
+        entry.update({"spearman_per_gt": mean_rho, "divergence": (1 - mean_rho) / 2, "n": int(len(x)),
+                      "n_gt": int(len(defined))})
+        if len(table) > len(defined):
+            log.info("%s: %d gt boxes with constant scores or IoUs left out of spearman_per_gt",
+                     column, len(table) - len(defined))
+        result[column] = {key: (_finite(v) if key not in ("n", "n_gt") else v) for key, v in entry.items()}
+        result[column]["ci95"] = {"spearman": percentile_ci(replicates[f"spearman:{column}"])}
+    return result, per_gt, replicates
+
+
+def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
+            bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, ap_backend: str = "auto",
+            min_count: int = 3) -> Analysis:
+    """Analyse one ledger (a folder or a `Ledger` read with at least ANALYSIS_COLUMNS).
+
+    gt: the COCO ground truth (path, or a COCO object from `load_ground_truth` to share between
+    dumps); default the ledger's meta.json dataset.ann. min_iou: the correlation pool's IoU floor
+    (iou >= min_iou); bootstrap: resamples of images for the CIs (0: none); seed: their RNG seed;
+    min_count: the fewest pool rows a gt box needs for spearman_per_gt.
+    """
+    if not isinstance(ledger, Ledger):
+        ledger = read_ledger(ledger, columns=ANALYSIS_COLUMNS)
+    coco_gt, gt_name = _resolve_gt(ledger, gt, ap_backend)
+    check_ground_truth(ledger, coco_gt, gt_name)
+    candidates = ledger.candidates
+    images = ledger.images
+    image_ids = np.sort(images["image_id"].to_numpy(np.int64))
+
+    kept = candidates[candidates["kept"].to_numpy()]
+    ap = evaluate_ap(coco_gt, kept, image_ids)
+    per_image = _counts.per_image_counts(ledger)
+    totals = _counts.stage_totals(per_image, pre_nms=ledger.pre_nms)
+
+    counts_matrix = bootstrap_counts(len(image_ids), int(bootstrap), seed).astype(np.float64)
+    columns = _score_columns(candidates)
+    correlation, per_gt, replicates = _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_count)
+    if ledger.pre_nms:
+        sorted_counts = per_image.loc[image_ids]
+        for condition in HEADLINE_CONDITIONS:
+            pre = sorted_counts[("pre_nms", condition)].to_numpy(np.float64)
+            post = sorted_counts[("post_nms", condition)].to_numpy(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                replicates[f"survival:{condition}"] = (counts_matrix @ post) / (counts_matrix @ pre)
+
+    metrics = {
+        "ap": ap,
+        "counts": totals["counts"],
+        "survival": totals["survival"],
+        "proportions": totals["proportions"],
+        "correlation": correlation,
+    }
+    settings = {"min_iou": min_iou, "bootstrap": int(bootstrap), "seed": seed, "min_count": min_count,
+                "ap_backend": "faster-coco-eval" if _is_faster(coco_gt) else "pycocotools",
+                "pool": "pre_nms" if ledger.pre_nms else "post_nms"}
+    return Analysis(name=name or ledger.name, metrics=metrics, per_image=per_image, per_gt=per_gt,
+                    replicates=replicates, image_ids=image_ids, settings=settings)
+
+
+def compute_metrics(ledger, gt=None, **options) -> dict:
+    """One detector's metrics.json entry (ap, counts, survival, proportions, correlation); see `analyze`."""
+    return analyze(ledger, gt, **options).metrics
+
+
+def metrics_document(analyses) -> dict:
+    """metrics.json: {"schema": 1, "detectors": {name: entry}} from Analyses or entries keyed by name."""
+    detectors = {name: (a.metrics if isinstance(a, Analysis) else a) for name, a in analyses.items()}
+    return {"schema": METRICS_SCHEMA, "detectors": detectors}
+
+
+# --- summaries and comparisons -------------------------------------------------------------------
+
+
+def _headline(analysis: Analysis, column: str = "score") -> dict:
+    """The numbers of the summary table for one detector, with bootstrap CIs where there are replicates."""
+    m = analysis.metrics
+    corr = m["correlation"].get(column, {})
+    row = {"detector": analysis.name, "AP": m["ap"]["AP"], "AP50": m["ap"]["AP50"], "AP75": m["ap"]["AP75"],
+           "spearman": corr.get("spearman"), "divergence": corr.get("divergence"),
+           "n": corr.get("n"), "n_gt": corr.get("n_gt")}
+    for key in (f"spearman:{column}", f"divergence:{column}"):
+        lo, hi = percentile_ci(analysis.replicates.get(key, np.zeros(0)))
+        row[f"{key.split(':')[0]}_lo"], row[f"{key.split(':')[0]}_hi"] = lo, hi
+    for condition in HEADLINE_CONDITIONS:
+        lo, hi = percentile_ci(analysis.replicates.get(f"survival:{condition}", np.zeros(0)))
+        row[f"survival {condition}"] = m["survival"].get(condition)
+        row[f"survival {condition} lo"], row[f"survival {condition} hi"] = lo, hi
+    return row
+
+
+def summary_table(analyses, column: str = "score") -> pd.DataFrame:
+    """One row per detector: AP, AP50, AP75, Spearman rho (of `column` with IoU) and divergence with
+    95% CIs, survival of iou>0.5 and cls>0.5 boxes through NMS with CIs (None where undefined)."""
+    return pd.DataFrame([_headline(a, column) for a in analyses.values()])
+
+
+def _paired(a: Analysis, b: Analysis) -> bool:
+    return (np.array_equal(a.image_ids, b.image_ids) and a.settings.get("seed") == b.settings.get("seed")
+            and a.settings.get("bootstrap") == b.settings.get("bootstrap"))
+
+
+def compare(analyses, reference: str | None = None) -> pd.DataFrame:
+    """Differences of the headline numbers of each detector to `reference` (default: the first).
+
+    Rows: detector, reference, quantity, value, reference_value, delta (value - reference),
+    ci95_lo, ci95_hi (percentile CI of the bootstrap differences), paired. Paired = both dumps hold
+    the same images and were analysed with the same seed and B, so each resample drew the same
+    images for both; otherwise the two bootstraps are treated as independent. AP differences have
+    no CI (it would take a COCOeval per resample).
+    """
+    names = list(analyses)
+    reference = names[0] if reference is None else reference
+    ref = analyses[reference]
+    rows = []
+    for name in names:
+        if name == reference:
+            continue
+        a = analyses[name]
+        paired = _paired(a, ref)
+        for key in ("AP", "AP50", "AP75"):
+            rows.append(_delta_row(name, reference, key, a.metrics["ap"][key], ref.metrics["ap"][key], None, None, paired))
+        keys = [k for k in a.replicates if k in ref.replicates]
+        for key in keys:
+            kind, what = key.split(":", 1)
+            value = _metric_value(a, kind, what)
+            ref_value = _metric_value(ref, kind, what)
+            ref_reps = ref.replicates[key]
+            if not paired:  # decouple the two bootstraps' resample order
+                ref_reps = np.random.default_rng(0).permutation(ref_reps)
+            n = min(len(a.replicates[key]), len(ref_reps))
+            lo, hi = percentile_ci(a.replicates[key][:n] - ref_reps[:n])
+            rows.append(_delta_row(name, reference, f"{kind} {what}", value, ref_value, lo, hi, paired))
+    return pd.DataFrame(rows, columns=["detector", "reference", "quantity", "value", "reference_value",
+                                       "delta", "ci95_lo", "ci95_hi", "paired"])
+
+
+def _metric_value(analysis: Analysis, kind: str, what: str):
+    if kind == "survival":
+        return analysis.metrics["survival"].get(what)
+    return analysis.metrics["correlation"].get(what, {}).get(kind)
+
+
+def _delta_row(name, reference, quantity, value, ref_value, lo, hi, paired) -> dict:
+    delta = value - ref_value if value is not None and ref_value is not None else None
+    return {"detector": name, "reference": reference, "quantity": quantity, "value": value,
+            "reference_value": ref_value, "delta": delta, "ci95_lo": lo, "ci95_hi": hi, "paired": paired}

@@ -1,0 +1,597 @@
+"""`misalign report`: read the dumps, ask `misalign` for every number, write the report folder.
+
+    write_report(["dumps/base", "dumps/conf"], "reports/cmp", before_after_nms=True) -> Path
+
+The folder (DESIGN.md §3.4) holds index.html (self-contained), metrics.json (misalign's
+`metrics_document`, unchanged), tables/*.csv and figures/*.png. It is written into a temporary
+folder that replaces `out` only once everything is written (`misalign.io.atomic_dir`).
+
+Each dump is read once and analysed by `misalign.metrics.analyze`; what the figures need (2-D
+histograms over the whole split, the rows of the few images drawn one by one) is taken from it
+before the next dump is read, so memory holds one ledger at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from misalign.errors import InputError
+
+from . import figures as F
+from .html import (CONDITIONS, Figure, Table, coco_frame, correlation_frame, counts_total_frame, fmt_count,
+                   fmt_float, fmt_percent, meta_json_text, proportions_frame, render_page)
+
+log = logging.getLogger(__name__)
+
+HIST_BINS = 50  # Figure 1 density: bins per axis on [0, 1]
+
+
+@dataclass
+class ReportConfig:
+    names: list[str] | None = None  # detector names in dump order; default the dump folder names
+    gt: str | None = None  # ground-truth COCO JSON; default the dumps' meta.json dataset.ann
+    before_after_nms: bool = False  # add the paper's Figure 1, Table 1 and Figure 2
+    min_iou: float = 0.5  # correlation pool: candidates with iou >= min_iou
+    num_images: int = 6  # images shown one by one (Table 1 columns, Figure 1 scatters, Figure 2)
+    bootstrap: int = 200  # bootstrap resamples of images for the 95% CIs (0: no CIs)
+    seed: int = 0  # bootstrap seed (same seed and B for every dump: paired differences)
+
+
+@dataclass
+class DumpView:
+    """What the page needs from one analysed dump, once its ledger has been let go."""
+
+    name: str
+    folder: Path
+    meta: dict
+    analysis: object  # misalign.metrics.Analysis
+    pre_nms: bool  # holds the pre-NMS pool (false: post-NMS-only, e.g. an imported results file)
+    has_obj: bool  # obj_score is not all NaN
+    score_is_cls: bool  # score == cls_score on every row (NMS ranked by the class probability)
+    has_raw: bool  # raw_counts / anchors stages present
+    histograms: dict = field(default_factory=dict)  # score column -> {"pre_nms": [b, b] | None, "post_nms": [b, b]}
+    quadrants: dict = field(default_factory=dict)  # score column -> misalign.counts.quadrant_counts frame
+    shown_ids: np.ndarray | None = None  # [N] image ids shown one by one (the first dump's first N images)
+    shown_rows: pd.DataFrame | None = None  # candidates of the shown images (Figure 1 scatters)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def _detector_names(dumps: list[Path], names) -> list[str]:
+    if names:
+        names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+        if len(names) != len(dumps):
+            raise InputError(f"--names: {len(names)} name(s) for {len(dumps)} dump(s)")
+        if any(not n for n in names):
+            raise InputError("--names: empty detector name")
+    else:
+        names = [d.resolve().name for d in dumps]
+        if len(set(names)) < len(names):  # same folder name in different places: add the parent
+            names = [f"{d.resolve().parent.name}/{d.resolve().name}" for d in dumps]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"--names: detector name {dup!r} appears twice; give distinct names with --names")
+    return names
+
+
+def _check_options(config: ReportConfig, dumps) -> None:
+    if not dumps:
+        raise InputError("DUMP: give at least one dump folder")
+    if not 0.0 <= config.min_iou <= 1.0:
+        raise InputError(f"--min-iou: {config.min_iou} is outside [0, 1]")
+    if config.num_images < 1:
+        raise InputError(f"--images: {config.num_images} must be at least 1")
+    if config.bootstrap < 0:
+        raise InputError(f"--bootstrap: {config.bootstrap} must be 0 or more")
+
+
+def _dataset(meta: dict) -> dict:
+    return meta.get("dataset") or {}
+
+
+def check_same_dataset(folders, metas, image_sets, gt_given: bool) -> None:
+    """InputError (one line) unless every dump is of the same dataset split and the same images."""
+    ref_folder, ref = folders[0], _dataset(metas[0])
+    for folder, meta, images in zip(folders[1:], metas[1:], image_sets[1:]):
+        ds = _dataset(meta)
+        if ref.get("split") and ds.get("split") and ref["split"] != ds["split"]:
+            raise InputError(f"{folder}: split {ds['split']!r} differs from {ref_folder}'s {ref['split']!r}: "
+                             "dumps of different datasets or splits cannot be compared")
+        if not gt_given and ref.get("ann") and ds.get("ann") and Path(ref["ann"]).resolve() != Path(ds["ann"]).resolve():
+            raise InputError(f"{folder}: ground truth {ds['ann']} differs from {ref_folder}'s {ref['ann']}: dumps of "
+                             "different datasets cannot be compared (give --gt FILE if they are the same)")
+        if not np.array_equal(images, image_sets[0]):
+            raise InputError(f"{folder}: its {len(images)} images differ from {ref_folder}'s {len(image_sets[0])}: "
+                             "dumps of different datasets or splits cannot be compared")
+
+
+def _ground_truth_path(config: ReportConfig, folders, metas) -> Path:
+    if config.gt:
+        path = Path(config.gt)
+        if not path.is_file():
+            raise InputError(f"--gt: {path}: file not found")
+        return path
+    for folder, meta in zip(folders, metas):
+        ann = _dataset(meta).get("ann")
+        if ann:
+            if not Path(ann).is_file():
+                raise InputError(f"{folder / 'meta.json'}: ground truth {ann} (dataset.ann) not found; give it with --gt FILE")
+            return Path(ann)
+    raise InputError(f"{folders[0] / 'meta.json'}: names no ground truth (dataset.ann); give it with --gt FILE")
+
+
+# ---------------------------------------------------------------------------------------------
+# analysis (misalign computes, this only collects)
+
+
+def _view(ledger, analysis, name: str, shown_ids) -> DumpView:
+    """The figure inputs of one analysed ledger: histograms, quadrant counts, rows of shown images."""
+    from misalign import counts
+
+    cands = ledger.candidates
+    has_obj = bool(np.isfinite(cands["obj_score"].to_numpy()).any()) if len(cands) else False
+    score_is_cls = bool(np.array_equal(cands["score"].to_numpy(), cands["cls_score"].to_numpy()))
+    columns = ["cls_score", "score"] + (["obj_score"] if has_obj else [])
+    histograms, quadrants = {}, {}
+    for col in columns:
+        pre = counts.score_iou_histogram(cands, col, kept_only=False, bins=HIST_BINS)[0] if ledger.pre_nms else None
+        post, _ = counts.score_iou_histogram(cands, col, kept_only=True, bins=HIST_BINS)
+        histograms[col] = {"pre_nms": pre, "post_nms": post}
+        quadrants[col] = counts.quadrant_counts(cands, col)
+    shown = cands[np.isin(cands["image_id"].to_numpy(), np.asarray(shown_ids, np.int64))]
+    has_raw = len(ledger.raw_counts) > 0 or bool((ledger.images["num_pos_anchors"] >= 0).all())
+    return DumpView(name=name, folder=Path(ledger.folder), meta=ledger.meta, analysis=analysis,
+                    pre_nms=ledger.pre_nms, has_obj=has_obj, score_is_cls=score_is_cls, has_raw=has_raw,
+                    histograms=histograms, quadrants=quadrants, shown_ids=np.asarray(shown_ids, np.int64),
+                    shown_rows=shown[["image_id", "iou", "kept", "cls_score", "obj_score", "score"]].copy())
+
+
+def analyse_dumps(dumps, config: ReportConfig) -> tuple[list[DumpView], Path]:
+    """Validate and analyse every dump (one at a time); returns their views and the gt path."""
+    from misalign.ledger import read_images, read_ledger, read_meta, validate_ledger
+    from misalign.metrics import ANALYSIS_COLUMNS, analyze, check_ground_truth, load_ground_truth
+
+    folders = [Path(d) for d in dumps]
+    names = _detector_names(folders, config.names)
+    for folder in folders:
+        validate_ledger(folder)
+    metas = [read_meta(f) for f in folders]
+    image_tables = [read_images(f) for f in folders]
+    image_sets = [np.sort(t["image_id"].to_numpy(np.int64)) for t in image_tables]
+    check_same_dataset(folders, metas, image_sets, gt_given=bool(config.gt))
+    gt_path = _ground_truth_path(config, folders, metas)
+    coco_gt = load_ground_truth(gt_path)
+    shown_ids = image_tables[0]["image_id"].to_numpy(np.int64)[: config.num_images]
+    views = []
+    for folder, name in zip(folders, names):
+        ledger = read_ledger(folder, columns=ANALYSIS_COLUMNS)
+        check_ground_truth(ledger, coco_gt, str(gt_path))
+        log.info("analysing %s (%d candidates)", name, len(ledger.candidates))
+        analysis = analyze(ledger, coco_gt, name=name, min_iou=config.min_iou, bootstrap=config.bootstrap,
+                           seed=config.seed)
+        views.append(_view(ledger, analysis, name, shown_ids))
+        del ledger
+    return views, gt_path
+
+
+# ---------------------------------------------------------------------------------------------
+# page content
+
+
+def _json_safe(value):
+    """NaN/inf -> None everywhere (metrics.json must be strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "detector"
+
+
+def _interval_text(lo, hi, digits=3, percent=False) -> str | None:
+    if lo is None or hi is None or not np.isfinite([lo, hi]).all():
+        return None
+    if percent:
+        return f"[{100 * lo:.{digits}f}%, {100 * hi:.{digits}f}%]"
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _with_ci(frame: pd.DataFrame, value: str, lo: str, hi: str, label: str, digits=3, percent=False) -> pd.Series:
+    """'0.412 [0.398, 0.430]' strings for the page (the CSV keeps the numbers)."""
+    def text(row):
+        v = row[value]
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return "–"
+        main = f"{100 * v:.{digits}f}%" if percent else f"{v:.{digits}f}"
+        ci = _interval_text(row.get(lo), row.get(hi), digits, percent)
+        return f"{main} {ci}" if ci else main
+    return frame.apply(text, axis=1).rename(label)
+
+
+def summary_table(views, palette) -> Table:
+    from misalign.metrics import summary_table as misalign_summary
+
+    frame = misalign_summary({v.name: v.analysis for v in views}, column="score")
+    shown = pd.DataFrame({"detector": frame["detector"]})
+    for key in ("AP", "AP50", "AP75"):
+        shown[key] = frame[key]
+    shown["ρ(score, IoU) [95% CI]"] = _with_ci(frame, "spearman", "spearman_lo", "spearman_hi", "")
+    shown["divergence [95% CI]"] = _with_ci(frame, "divergence", "divergence_lo", "divergence_hi", "")
+    shown["survival iou>0.5 [95% CI]"] = _with_ci(frame, "survival iou>0.5", "survival iou>0.5 lo",
+                                                    "survival iou>0.5 hi", "", digits=1, percent=True)
+    shown["survival cls>0.5 [95% CI]"] = _with_ci(frame, "survival cls>0.5", "survival cls>0.5 lo",
+                                                    "survival cls>0.5 hi", "", digits=1, percent=True)
+    table = Table("summary", shown, (
+        "One row per detector: COCO AP of its kept boxes; Spearman ρ between its NMS ranking score and IoU "
+        "over candidates with IoU ≥ min_iou, and the divergence, with 95% bootstrap CIs over images; the share "
+        "of boxes with IoU > 0.5 (and with cls > 0.5) that survive NMS.",
+        "Higher AP and ρ, lower divergence are better; a survival of IoU>0.5 boxes far below that of cls>0.5 boxes "
+        "is the paper's finding: NMS keeps confident boxes, not well-localised ones."),
+        formats={k: fmt_float(3) for k in ("AP", "AP50", "AP75")}, colors=palette)
+    table.csv = frame
+    return table
+
+
+def differences_table(views, palette) -> Table | None:
+    from misalign.metrics import compare
+
+    if len(views) < 2:
+        return None
+    frame = compare({v.name: v.analysis for v in views})
+    shown = frame[["detector", "reference", "quantity", "value", "reference_value", "delta"]].copy()
+    shown["95% CI of delta"] = [_interval_text(lo, hi) or "–" for lo, hi in zip(frame["ci95_lo"], frame["ci95_hi"])]
+    shown["paired"] = frame["paired"].map({True: "yes", False: "no"})
+    table = Table("differences", shown, (
+        f"Each detector against the reference {views[0].name} (the first dump): delta = detector − reference "
+        "for AP, Spearman ρ and divergence of each score column, and survival rates, with percentile bootstrap CIs.",
+        "Paired = both dumps hold the same images and used the same seed and B, so each resample drew the same "
+        "images for both; a CI that excludes 0 is a difference beyond resampling noise (AP has no CI)."),
+        formats={"value": fmt_float(3), "reference_value": fmt_float(3), "delta": fmt_float(3, signed=True)},
+        left=("reference", "quantity", "paired"), colors=palette)
+    table.csv = frame
+    return table
+
+
+def coco_table(metrics, names, palette) -> Table:
+    frame = coco_frame(metrics, names)
+    return Table("coco_ap", frame, (
+        "pycocotools' twelve COCOeval bbox numbers (maxDets 1/10/100) of each detector's kept boxes ranked by score, "
+        "over every image of the dump; −1 means the split has no ground truth of that size.",
+        "AP averages IoU thresholds 0.5:0.95; AP50/AP75 at one threshold; s/m/l: small/medium/large objects; "
+        "ARk: recall with at most k detections per image."),
+        formats={c: fmt_float(3) for c in frame.columns[1:]}, colors=palette)
+
+
+def correlation_table(metrics, names, palette) -> Table:
+    frame = correlation_frame(metrics, names)
+    shown = frame[["detector", "score column", "spearman"]].copy()
+    shown["95% CI of ρ"] = [_interval_text(lo, hi) or "–" for lo, hi in zip(frame["spearman_ci_lo"], frame["spearman_ci_hi"])]
+    for col in ("kendall", "pearson", "spearman_per_gt", "divergence", "n", "n_gt"):
+        shown[col] = frame[col]
+    table = Table("correlation", shown, (
+        "Per detector and score column: Spearman ρ (with its bootstrap CI), Kendall τ-b and Pearson r between the "
+        "score and IoU over the pool; mean per-gt Spearman and the divergence; n pool rows, n_gt boxes with ≥ 3 rows.",
+        "ρ near 1: the score ranks boxes like IoU does; near 0: NMS's ranking ignores localisation quality."),
+        formats={**{c: fmt_float(3) for c in ("spearman", "kendall", "pearson", "spearman_per_gt", "divergence")},
+                 "n": fmt_count, "n_gt": fmt_count}, left=("score column",), colors=palette)
+    table.csv = frame
+    return table
+
+
+def table1_tables(views, config, palette) -> list[Table]:
+    tables = []
+    for v in views:
+        frame = v.analysis.table1(image_ids=v.shown_ids)
+        if not v.pre_nms:
+            frame = frame.drop(index="pre_nms", level="stage", errors="ignore")
+        csv = frame.reset_index()
+        shown = csv.copy()
+        shown["stage"] = shown["stage"].map(dict(STAGE_NAMES)).fillna(shown["stage"])
+        shown = shown.rename(columns={c: f"image {c}" for c in shown.columns[2:-1]})
+        table = Table(f"table1_{_slug(v.name)}", shown, (
+            f"Table 1 for {v.name}: per image (the first {config.num_images} of images.parquet) and summed over all "
+            "images ('all'), how many boxes meet each condition at each stage; 'rows' is the stage's size.",
+            "Positive anchors: anchors with IoU ≥ 0.5 to a ground truth; raw: every anchor's decoded box; before NMS: "
+            "the candidates that entered NMS; after NMS: the kept detections. Conditions are strict '>'."),
+            formats={c: fmt_count for c in shown.columns[2:]}, left=("condition",), groups="stage")
+        table.detector, table.num_shown = v.name, len(v.shown_ids)
+        table.csv = csv
+        tables.append(table)
+    return tables
+
+
+STAGE_NAMES = (("anchors", "anchors"), ("raw", "raw (every anchor's box)"), ("pre_nms", "before NMS"),
+               ("post_nms", "after NMS"))
+
+
+def table1_total_table(metrics, names, palette) -> Table:
+    frame = counts_total_frame(metrics, names)
+    return Table("table1_all", frame, (
+        "Table 1 summed over every image, one column per detector: positive anchors, raw boxes of all anchors, "
+        "candidates before NMS and kept boxes after NMS meeting each threshold (metrics.json 'counts').",
+        "Compare down a column to see what NMS removes; across a row to compare detectors at the same stage."),
+        formats={n: fmt_count for n in names}, left=("condition",), groups="stage")
+
+
+def proportions_table(metrics, names, palette) -> Table:
+    frame = proportions_frame(metrics, names)
+    return Table("proportions", frame, (
+        "Figure 2 in numbers: share of each stage's boxes meeting each condition before and after NMS, and the "
+        "survival rate (after-NMS count / before-NMS count) per condition.",
+        "If NMS were blind to localisation, the iou>t proportions would not drop after NMS; the paper reports "
+        "~20% fewer IoU>0.5 boxes in proportion after NMS, and hardly any change for cls>0.5."),
+        formats={c: fmt_percent(2) for c in CONDITIONS}, left=("quantity",), colors=palette)
+
+
+def quadrant_table(views, column, palette) -> Table:
+    """Boxes per quadrant of the score-IoU plane (misalign.counts.quadrant_counts), per detector and stage."""
+    rows, shown_rows = [], []
+    for v in views:
+        frame = v.quadrants.get(column)
+        if frame is None:
+            continue
+        for stage, row in frame.iterrows():
+            if stage == "pre_nms" and not v.pre_nms:
+                continue
+            record = {"detector": v.name, "stage": stage, **row.to_dict()}
+            rows.append(record)
+            quads = [k for k in row.index if not k.startswith("frac ")]
+            shown_rows.append({"detector": v.name, "stage": F.STAGE_LABELS[stage],
+                               **{k: f"{int(row[k]):,} ({100 * row['frac ' + k]:.1f}%)" for k in quads}})
+    short = F.SHORT[column]
+    table = Table(f"quadrants_{column}", pd.DataFrame(shown_rows), (
+        f"Boxes in each quadrant of the {short}–IoU plane before and after NMS: count (share of the stage).",
+        f"'iou>0.5 & {short}<=0.5' is the paper's misaligned quadrant (well localised, low score); if its share "
+        "drops through NMS, NMS is throwing away well-localised boxes."),
+        left=("stage",), colors=palette)
+    table.csv = pd.DataFrame(rows)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def _figure(key, fig, explain, alt) -> Figure:
+    return Figure(key=key, png=F.figure_png(fig), explain=explain, alt=alt)
+
+
+def figure1_groups(views, config, palette, shown_ids) -> tuple[list[dict], list[str]]:
+    groups, notes = [], []
+    post_only = {v.name for v in views if not v.pre_nms}
+    no_obj = [v.name for v in views if not v.has_obj]
+    columns = ["cls_score"]
+    if any(v.has_obj for v in views):
+        columns.append("obj_score")
+        if no_obj:
+            notes.append(f"{', '.join(no_obj)}: no object-confidence branch (obj_score is NaN throughout), so no "
+                         "obj_score panels for them.")
+    else:
+        notes.append("No dump has an object-confidence branch (obj_score is NaN throughout): the obj_score panels "
+                     "are left out.")
+    if all(v.score_is_cls for v in views):
+        notes.append("score equals cls_score in every dump (NMS ranked by the class probability): the score panels "
+                     "would repeat the cls_score panels and are left out.")
+    else:
+        columns.append("score")
+    for col in columns:
+        frames = {v.name: v.shown_rows for v in views if col != "obj_score" or v.has_obj}
+        hists = {v.name: v.histograms[col] for v in views if col in v.histograms}
+        short = F.SHORT[col]
+        figs = [
+            _figure(f"figure1_{col}_images", F.figure_score_iou_images(frames, shown_ids, col, palette,
+                                                                        post_only=post_only, seed=config.seed), (
+                f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split), before NMS "
+                f"(top) and after NMS (bottom); one colour per detector, like the paper's Figure 1.",
+                f"Dashed lines mark 0.5; points in the shaded corner are well localised (IoU > 0.5) but scored "
+                f"{short} < 0.5 — boxes NMS tends to discard in favour of higher-scored, worse boxes."),
+                f"{col} vs IoU per image"),
+            _figure(f"figure1_{col}_density", F.figure_score_iou_density(hists, np.linspace(0, 1, HIST_BINS + 1), col,
+                                                                          palette), (
+                f"The same over every image of the split as a 2-D histogram ({HIST_BINS}×{HIST_BINS} cells, log colour "
+                "scale): before NMS (top) and after NMS (bottom), one column per detector.",
+                "Mass in the shaded corner = misaligned boxes; a cloud that rises to the right means the score follows "
+                "localisation quality. Compare top and bottom to see which boxes NMS keeps."),
+                f"{col} vs IoU density"),
+        ]
+        groups.append({"title": f"{col} against IoU", "notes": [], "figures": figs,
+                       "table": quadrant_table(views, col, palette)})
+    if post_only:
+        notes.append(f"{', '.join(sorted(post_only))}: post-NMS only (meta.json pre_nms false, e.g. imported COCO "
+                     "results): no before-NMS panels, no pre-NMS rows in Table 1, no Figure 2 or survival rates.")
+    return groups, notes
+
+
+def figure2_figures(views, metrics, palette, config) -> list[Figure]:
+    with_pre = [v for v in views if v.pre_nms]
+    if not with_pre:
+        return []
+    names = [v.name for v in with_pre]
+    proportions = {n: metrics["detectors"][n]["proportions"] for n in names}
+    survival = {n: metrics["detectors"][n]["survival"] for n in names}
+    per_image = {v.name: v.analysis.per_image_proportions(v.shown_ids) for v in with_pre}
+    return [
+        _figure("figure2_proportions", F.figure_proportions(proportions, survival, palette), (
+            "Left: share of boxes meeting each condition before NMS (solid) and after NMS (dashed), over the whole "
+            "split. Right: survival rate of each condition, i.e. kept boxes / pre-NMS boxes meeting it.",
+            "The paper's headline: the iou>0.5 share drops through NMS while the cls>0.5 share does not — NMS "
+            "selects by score, so well-localised low-score boxes are suppressed."),
+            "proportions before and after NMS"),
+        _figure("figure2_per_image", F.figure_proportions_per_image(per_image, palette), (
+            f"Per image (the first {config.num_images}), share of boxes with cls > 0.5 (circles) and IoU > 0.5 "
+            "(triangles) before NMS (solid) and after NMS (dashed), like the paper's Figure 2.",
+            "A dashed triangle line below the solid one means NMS lowered the share of well-localised boxes in that "
+            "image."),
+            "proportions per image"),
+    ]
+
+
+def correlation_figure(metrics, names, palette) -> Figure:
+    corr = {n: metrics["detectors"][n]["correlation"] for n in names}
+    return _figure("correlation", F.figure_correlation(corr, palette), (
+        "Left: Spearman ρ between each score column and IoU with its 95% bootstrap CI (over images), per detector. "
+        "Right: divergence = (1 − mean per-gt Spearman ρ)/2 over ground-truth boxes with ≥ 3 candidates.",
+        "ρ towards 1 and divergence towards 0 mean the score ranks a box's candidates by localisation quality; "
+        "divergence 0.5 means the ranking is unrelated to IoU."),
+        "correlation and divergence")
+
+
+def ap_figure(metrics, names, palette) -> Figure:
+    ap = {n: metrics["detectors"][n]["ap"] for n in names}
+    return _figure("coco_ap", F.figure_ap(ap, palette), (
+        "COCO AP (%) of each detector at a glance: overall, at IoU 0.5 and 0.75, and by object size.",
+        "Bars are the numbers of the table above ×100."), "COCO AP")
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance
+
+
+def provenance_table(views, config, gt_path, palette) -> Table:
+    rows = []
+    for v in views:
+        pp = v.meta.get("postprocess") or {}
+        det = v.meta.get("detector") or {}
+        rows.append({
+            "detector": v.name, "dump": str(v.folder), "model": det.get("name") if isinstance(det, dict) else det,
+            "split": _dataset(v.meta).get("split"), "pre-NMS pool": "yes" if v.pre_nms else "no (post-NMS only)",
+            "obj_score": "yes" if v.has_obj else "no",
+            "score_thresh": pp.get("score_thresh"), "topk": pp.get("topk"), "nms_thresh": pp.get("nms_thresh"),
+            "max_det": pp.get("max_det"), "score formula": pp.get("score_formula"), "alpha": pp.get("alpha"),
+            "images": v.meta.get("num_images"), "candidates": v.meta.get("num_candidates"),
+            "kept": v.meta.get("num_kept"), "AP backend": v.analysis.settings.get("ap_backend"),
+            "min_iou": config.min_iou, "bootstrap B": config.bootstrap, "seed": config.seed,
+            "created": v.meta.get("created"), "checkpoint sha256": (v.meta.get("checkpoint_sha256") or "–")[:12],
+        })
+    frame = pd.DataFrame(rows)
+    text_cols = ("dump", "model", "split", "pre-NMS pool", "obj_score", "score formula", "AP backend", "created",
+                 "checkpoint sha256")
+    return Table("provenance", frame, (
+        "Where each detector's numbers come from: the dump folder, its model, split and post-processing settings "
+        "(from meta.json), its size, and the report's own parameters.",
+        f"Ground truth: {gt_path}. Expand a dump below for its full meta.json."),
+        formats={"images": fmt_count, "candidates": fmt_count, "kept": fmt_count, "alpha": lambda v: f"{v:g}",
+                 "score_thresh": lambda v: f"{v:g}", "nms_thresh": lambda v: f"{v:g}", "min_iou": lambda v: f"{v:g}"},
+        left=text_cols, colors=palette)
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def build_context(views, metrics, config, gt_path) -> dict:
+    import datetime as dt
+
+    from misalign import __version__
+
+    names = [v.name for v in views]
+    palette = F.detector_palette(names)
+    shown_ids = views[0].shown_ids.tolist()
+    global_notes, correlation_notes = [], []
+    post_only = [v.name for v in views if not v.pre_nms]
+    if post_only:
+        correlation_notes.append(f"{', '.join(post_only)}: post-NMS only — correlations are over its kept boxes (the only "
+                                 "pool it has), so they are not comparable with the pre-NMS pools of the others.")
+    before_after = None
+    if config.before_after_nms:
+        groups, notes = figure1_groups(views, config, palette, shown_ids)
+        no_raw = [v.name for v in views if not v.has_raw]
+        if no_raw:
+            notes.append(f"{', '.join(no_raw)}: no raw_counts and no anchor counts in the dump: Table 1's positive-anchor "
+                         "and raw rows are absent for them.")
+        fig2 = figure2_figures(views, metrics, palette, config)
+        if not fig2:
+            notes.append("No dump has a pre-NMS stage: Figure 2 (proportions before/after NMS) and survival rates "
+                         "cannot be drawn.")
+        before_after = {
+            "notes": notes, "figure1": groups,
+            "table1_total": table1_total_table(metrics, names, palette),
+            "table1": table1_tables(views, config, palette),
+            "figure2": fig2,
+            "proportions": proportions_table(metrics, names, palette) if fig2 else None,
+        }
+    gt_label = str(gt_path)
+    return {
+        "version": __version__, "names": names, "palette": palette,
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "gt_label": gt_label, "num_images": len(views[0].analysis.image_ids),
+        "dumps": {v.name: str(v.folder) for v in views},
+        "global_notes": global_notes,
+        "summary": summary_table(views, palette),
+        "differences": differences_table(views, palette),
+        "before_after": before_after,
+        "correlation": {"notes": correlation_notes, "figure": correlation_figure(metrics, names, palette),
+                        "table": correlation_table(metrics, names, palette)},
+        "coco": {"table": coco_table(metrics, names, palette), "figure": ap_figure(metrics, names, palette)},
+        "provenance": {"table": provenance_table(views, config, gt_path, palette),
+                       "meta": [{"name": v.name, "path": str(v.folder), "json": meta_json_text(v.meta)} for v in views]},
+        "params": {"min_iou": config.min_iou, "bootstrap": config.bootstrap, "seed": config.seed,
+                   "num_images": config.num_images, "before_after": config.before_after_nms,
+                   "min_candidates": views[0].analysis.settings.get("min_count", 3)},
+    }
+
+
+def _collect(context) -> tuple[list[Figure], list[Table]]:
+    figures, tables = [], []
+
+    def walk(value):
+        if isinstance(value, Figure):
+            figures.append(value)
+        elif isinstance(value, Table):
+            tables.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(context)
+    return figures, tables
+
+
+def write_report(dumps, out, **options) -> Path:
+    """Analyse `dumps` (ledger folders) and write the report folder `out`; returns out/index.html.
+
+    options: the ReportConfig fields (names, gt, before_after_nms, min_iou, num_images, bootstrap,
+    seed). InputError (one line) for bad input; `out` is replaced only when the report is complete.
+    """
+    from misalign.io import atomic_dir
+    from misalign.metrics import metrics_document
+
+    config = ReportConfig(**options)
+    dumps = [Path(d) for d in dumps]
+    _check_options(config, dumps)
+    views, gt_path = analyse_dumps(dumps, config)
+    metrics = _json_safe(metrics_document({v.name: v.analysis for v in views}))
+    context = build_context(views, metrics, config, gt_path)
+    html = render_page(context)
+    figures, tables = _collect(context)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared
+        (tmp / "figures").mkdir()
+        (tmp / "tables").mkdir()
+        for fig in figures:
+            (tmp / "figures" / f"{fig.key}.png").write_bytes(fig.png)
+        for table in tables:
+            frame = getattr(table, "csv", None)
+            (frame if frame is not None else table.frame).to_csv(tmp / "tables" / f"{table.key}.csv", index=False)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+        (tmp / "index.html").write_text(html, encoding="utf-8")
+    return out / "index.html"

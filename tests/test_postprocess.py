@@ -1,0 +1,140 @@
+"""Postprocess: the joint score by hand, candidate selection, and the suppressor of every NMS loser."""
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import batched_nms
+
+from detector.postprocess import PostprocessSettings, find_suppressors, joint_score, select_candidates
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def test_joint_score_by_hand():
+    cls, obj = torch.tensor([[0.25]]), torch.tensor([0.81])
+    # 0.81^0.4 * 0.25^0.6 = exp(0.4 ln 0.81 + 0.6 ln 0.25) = exp(-0.084288 - 0.831777) = 0.400090
+    assert joint_score(cls, obj, 0.4).item() == pytest.approx(0.400090, abs=1e-5)
+    # iou-aware's convention: IoU^0.5 * cls^0.5 = sqrt(0.81 * 0.25) = 0.45
+    assert joint_score(cls, obj, 0.5).item() == pytest.approx(0.45, abs=1e-6)
+    assert joint_score(cls, obj, 0.0).item() == pytest.approx(0.25)  # exponent on obj: 0 -> cls alone
+    assert joint_score(cls, obj, 1.0).item() == pytest.approx(0.81)  # 1 -> obj alone
+    # One obj per anchor, broadcast over the classes.
+    out = joint_score(torch.tensor([[0.25, 0.5], [0.1, 0.2]]), torch.tensor([0.81, 1.0]), 0.4)
+    assert out.shape == (2, 2) and out[1, 0].item() == pytest.approx(0.1**0.6)
+
+
+def _two_level_case():
+    """Level 0: 2 anchors, level 1 ('P7' as the last level): 2 anchors; 2 classes."""
+    cls = torch.tensor([[0.6, 0.001], [0.5, 0.001], [0.03, 0.001], [0.2, 0.001]])
+    obj = torch.tensor([0.1, 0.9, 0.9, 0.5])
+    return cls.logit(), obj.logit()
+
+
+def test_threshold_and_topk_act_on_the_joint_score():
+    cls_logits, obj_logits = _two_level_case()
+    settings = PostprocessSettings(score_thresh=0.05, topk=1, obj_exponent=0.4)
+    cand = select_candidates(cls_logits, obj_logits, [2, 2], settings)
+    # Level 0: (a0, c0) 0.1^.4 * 0.6^.6 = 0.398 * 0.736 = 0.293; (a1, c0) 0.9^.4 * 0.5^.6 = 0.959 * 0.660 = 0.633.
+    # By cls alone a0 would win; by the joint score a1 does.
+    # Level 1: (a2, c0) has cls 0.03 < 0.05 but 0.9^.4 * 0.03^.6 = 0.959 * 0.122 = 0.117 > 0.05;
+    # (a3, c0) 0.5^.4 * 0.2^.6 = 0.758 * 0.381 = 0.289 is the level's top 1.
+    assert cand["anchor_idx"].tolist() == [1, 3]
+    assert cand["labels"].tolist() == [0, 0]
+    assert cand["level"].tolist() == [0, 1]
+    torch.testing.assert_close(cand["score"], torch.tensor([0.9**0.4 * 0.5**0.6, 0.5**0.4 * 0.2**0.6]))
+    torch.testing.assert_close(cand["cls_score"], torch.tensor([0.5, 0.2]))
+    torch.testing.assert_close(cand["obj_score"], torch.tensor([0.9, 0.5]))
+
+    wide = select_candidates(cls_logits, obj_logits, [2, 2], PostprocessSettings(topk=10, obj_exponent=0.4))
+    assert (2, 0) in list(zip(wide["anchor_idx"].tolist(), wide["labels"].tolist()))  # cls 0.03 entered
+    assert bool((wide["score"] > 0.05).all())
+
+
+def test_conf_skip_p7_changes_only_the_last_level():
+    cls_logits, obj_logits = _two_level_case()
+    joint = select_candidates(cls_logits, obj_logits, [2, 2], PostprocessSettings(topk=10, obj_exponent=0.4))
+    skip = select_candidates(cls_logits, obj_logits, [2, 2], PostprocessSettings(topk=10, obj_exponent=0.4, conf_skip_p7=True))
+    for c in (joint, skip):
+        lvl0 = c["level"] == 0
+        assert c["anchor_idx"][lvl0].tolist() == joint["anchor_idx"][joint["level"] == 0].tolist()
+        torch.testing.assert_close(c["score"][lvl0], joint["score"][joint["level"] == 0])
+    last = skip["level"] == 1
+    # On the last level the score is the class probability: only (a3, c0) with 0.2 passes 0.05.
+    assert skip["anchor_idx"][last].tolist() == [3] and skip["labels"][last].tolist() == [0]
+    torch.testing.assert_close(skip["score"][last], torch.tensor([0.2]))
+    torch.testing.assert_close(skip["score"][last], skip["cls_score"][last])
+    assert joint["anchor_idx"][joint["level"] == 1].tolist() == [3, 2]  # joint: 0.289, 0.117
+
+
+def test_no_branch_ranks_by_cls_and_obj_is_nan():
+    cls_logits, _ = _two_level_case()
+    cand = select_candidates(cls_logits, None, [2, 2], PostprocessSettings(topk=10))
+    torch.testing.assert_close(cand["score"], cand["cls_score"])
+    assert bool(torch.isnan(cand["obj_score"]).all())
+    assert cand["score"].tolist() == pytest.approx([0.6, 0.5, 0.2])
+
+
+def test_find_suppressors_worked_case():
+    boxes = torch.tensor(
+        [
+            [0.0, 0, 10, 10],  # 0: survivor
+            [6.0, 0, 16, 10],  # 1: IoU with 0 = 40 / 160 = 0.25 -> survivor
+            [4.0, 0, 14, 10],  # 2: IoU with 0 = 60 / 140 = 0.43, with 1 = 80 / 120 = 0.67
+            [20.0, 20, 30, 30],  # 3: alone -> survivor
+            [0.0, 0, 10, 10],  # 4: same box as 0 but another class -> survivor
+            [1.0, 0, 11, 10],  # 5: IoU with 0 = 0.82 -> suppressed by 0
+        ]
+    )
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    labels = torch.tensor([0, 0, 0, 0, 1, 0])
+    # At 0.5, box 2 is suppressed only by box 1; at 0.4 by box 0 already (the first, highest-scoring
+    # survivor that overlaps it enough), although its overlap with box 1 is larger.
+    for thresh, expected_2 in ((0.5, 1), (0.4, 0)):
+        survivors = torch.sort(batched_nms(boxes, scores, labels, thresh)).values
+        assert survivors.tolist() == [0, 1, 3, 4]
+        assert find_suppressors(boxes, scores, labels, survivors, thresh).tolist() == [-1, -1, expected_2, -1, -1, 0]
+
+
+def _greedy_nms_reference(boxes, scores, labels, thresh):
+    """Slow greedy NMS in Python: returns (survivor flags, suppressor of each box or -1)."""
+    boxes, scores, labels = boxes.tolist(), scores.tolist(), labels.tolist()
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    suppressed_by = [-1] * len(scores)
+    removed = [False] * len(scores)
+
+    def iou(a, b):
+        inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union
+
+    for pos, i in enumerate(order):
+        if removed[i]:
+            continue
+        for j in order[pos + 1 :]:
+            if not removed[j] and labels[j] == labels[i] and iou(boxes[i], boxes[j]) > thresh:
+                removed[j] = True
+                suppressed_by[j] = i
+    return [not r for r in removed], suppressed_by
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_find_suppressors_matches_slow_greedy_nms(seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(12, 2, generator=g) * 100  # clusters of jittered boxes
+    which = torch.randint(0, 12, (300,), generator=g)
+    xy = centres[which] + torch.randn(300, 2, generator=g) * 4
+    wh = 10 + torch.rand(300, 2, generator=g) * 20
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    scores = torch.rand(300, generator=g)
+    order = torch.sort(scores, descending=True).indices
+    boxes, scores = boxes[order], scores[order]
+    labels = torch.randint(0, 3, (300,), generator=g)
+    survivors = torch.sort(batched_nms(boxes, scores, labels, 0.5)).values
+    flags, expected = _greedy_nms_reference(boxes, scores, labels, 0.5)
+    assert torch.nonzero(torch.tensor(flags)).squeeze(1).tolist() == survivors.tolist()
+    got = find_suppressors(boxes, scores, labels, survivors, 0.5)
+    assert got.tolist() == expected
+    assert (got >= 0).sum() > 100  # the case exercises suppression
