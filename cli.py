@@ -122,7 +122,8 @@ def _parse_model_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--lr", type=float, help="Base learning rate. Default: 0.01 × batch-size / 16.")
 @click.option("--img-size", type=int, help="Shorter image side in pixels. Default: 600 (paper); 160 (CPU recipe).")
 @click.option("--max-size", type=int, help="Longer image side at most. Default: 1000 (paper); 160 (CPU recipe).")
-@click.option("--workers", type=int, default=2, show_default=True, help="Data-loader processes (0: main process).")
+@click.option("--workers", type=int, help="Data-loader processes per training process (0: main process). "
+              "Default: 4; 0 in the CPU recipe.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
 @click.option("--amp", default="none", show_default=True, help="none | bf16 | fp16 autocast (GPU only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights, the data order and augmentation.")

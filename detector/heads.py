@@ -74,7 +74,8 @@ class RetinaHead(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:  # tower convs followed by GroupNorm have none
+                    nn.init.zeros_(module.bias)
         # Every class starts at probability prior_prob, so the many negatives do not swamp the
         # first steps of focal loss (RetinaNet §4.1).
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,24 @@ def _check_range(cfg: ModelConfig) -> None:
             raise _option_error(name, f"{problem}, got {getattr(cfg, name)!r}")
 
 
+def _check_types(cfg: ModelConfig) -> None:
+    """Raise InputError for an option of the wrong type (e.g. a string where a number belongs)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = str(f.type).split(" | ")[0]  # annotations are strings: "int", "float | None", ...
+        if value is None and "None" in str(f.type):
+            continue
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+            "list[int]": isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+        }[kind]
+        if not ok:
+            raise _option_error(f.name, f"must be of type {kind}, got {value!r}")
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise _option_error(name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -147,9 +166,16 @@ def resolve_config(name: str, num_classes: int, **options: Any) -> ModelConfig:
         for key in _BRANCH_OPTIONS:
             if key in options and options[key] != getattr(defaults, key):
                 raise _option_error(key, f"applies only to models with an objectness branch, not {name}")
-    cfg = ModelConfig(name=name, num_classes=int(num_classes), **{**variant, **options})
-    cfg.anchor_sizes = [int(s) for s in cfg.anchor_sizes]
+    try:
+        num_classes = operator.index(num_classes)
+    except TypeError:
+        raise _option_error("num_classes", f"must be an integer, got {num_classes!r}") from None
+    cfg = ModelConfig(name=name, num_classes=num_classes, **{**variant, **options})
+    _check_types(cfg)
+    cfg.anchor_sizes = list(cfg.anchor_sizes)
     _check_choice("backbone", cfg.backbone, BACKBONES)
+    if cfg.pretrained and cfg.backbone_weights:
+        raise _option_error("backbone_weights", "give either pretrained or backbone_weights, not both")
     has_weights = bool(cfg.pretrained or cfg.backbone_weights)
     if cfg.backbone_norm is None:
         # FrozenBatchNorm2d keeps pretrained statistics; at random init it would freeze nothing useful.
@@ -299,7 +325,8 @@ class Detector(nn.Module):
         image_list, targets = self.transform(images, targets)
         features = list(self.backbone(image_list.tensors).values())
         head_outputs = self.head(features)
-        anchors = self.anchor_generator(image_list, features)[0]  # same for every image of the batch
+        # Same anchors for every image of the batch; float32 even under autocast (fp16 pixel grids are coarse).
+        anchors = self.anchor_generator(image_list, features)[0].float()
         num_per_location = self.anchor_generator.num_anchors_per_location()[0]
         num_anchors_per_level = [f.shape[-2] * f.shape[-1] * num_per_location for f in features]
         return image_list, targets, head_outputs, anchors, num_anchors_per_level
@@ -308,7 +335,7 @@ class Detector(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
-            _check_targets(targets)
+            _check_targets(targets, self.cfg.num_classes)
             _, targets, head_outputs, anchors, _ = self._run_network(images, targets)
             assignment = assign_anchors(anchors, targets, self.matcher)
             return detection_losses(head_outputs, anchors, assignment, self.box_coder, self.loss_settings)
@@ -385,11 +412,14 @@ class Detector(nn.Module):
         return results
 
 
-def _check_targets(targets: list[dict[str, Tensor]]) -> None:
+def _check_targets(targets: list[dict[str, Tensor]], num_classes: int) -> None:
     for i, target in enumerate(targets):
         boxes = target["boxes"]
         if boxes.ndim != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"targets[{i}]['boxes'] must be [N, 4], got {list(boxes.shape)}")
+        labels = target["labels"]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"targets[{i}]: labels must be in 0..{num_classes - 1}, got {labels.tolist()}")
         degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if degenerate.any():
             raise ValueError(f"targets[{i}]: degenerate box {boxes[degenerate][0].tolist()} (x2 <= x1 or y2 <= y1)")

@@ -60,10 +60,13 @@ def select_candidates(
     """
     num_classes = cls_logits.shape[1]
     parts: dict[str, list[Tensor]] = {k: [] for k in ("anchor_idx", "labels", "level", "score", "cls_score", "obj_score")}
+    # One sigmoid over all anchors, so the probabilities equal the ledger's raw ones bit for bit.
+    cls_prob_all = torch.sigmoid(cls_logits.float())  # [A, C]
+    obj_prob_all = None if obj_logits is None else torch.sigmoid(obj_logits.float())  # [A]
     start = 0
     for level, num_anchors in enumerate(num_anchors_per_level):
-        cls_prob = torch.sigmoid(cls_logits[start : start + num_anchors].float())  # [A_l, C]
-        obj_prob = None if obj_logits is None else torch.sigmoid(obj_logits[start : start + num_anchors].float())
+        cls_prob = cls_prob_all[start : start + num_anchors]  # [A_l, C]
+        obj_prob = None if obj_prob_all is None else obj_prob_all[start : start + num_anchors]
         is_last = level == len(num_anchors_per_level) - 1
         if obj_prob is None or settings.obj_exponent is None or (settings.conf_skip_p7 and is_last):
             score = cls_prob

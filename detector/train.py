@@ -54,6 +54,7 @@ PAPER_RECIPE = {
     "max_size": 1000,  # longer side at most
     "batch_size": 16,
     "warmup_iters": 500,
+    "workers": 4,
     "model_options": {},
 }
 # Small CPU recipe: what a newcomer's laptop can learn the shapes dataset with in a few minutes.
@@ -64,13 +65,18 @@ CPU_RECIPE = {
     "batch_size": 8,
     "epochs": 6,
     "warmup_iters": 100,
+    "workers": 0,  # 2 cores: loading 160-px PNGs in the main process beats competing with it
     "model_options": {},
 }
 SIZE_OPTIONS = ("backbone", "img_size", "max_size")
+# Options a resumed run takes from its checkpoint when left unset (None).
+RESUMED_OPTIONS = ("recipe", "backbone", "img_size", "max_size", "epochs", "batch_size", "lr", "warmup_iters", "workers")
 
 
 @dataclass
 class TrainConfig:
+    # --- recipe ---
+    recipe: str | None = None  # "paper" | "cpu"; None: "cpu" on a CPU when no size option is given, else "paper"
     # --- model ---
     model: str = "retinanet"  # variant: retinanet | retinanet-conf | iou-aware | ... (detector.build_model)
     backbone: str | None = None  # resnet10/18/34/50/101; None: resnet50 (paper), resnet18 (CPU recipe)
@@ -87,7 +93,7 @@ class TrainConfig:
     val_images: str | None = None  # explicit val image folder
     img_size: int | None = None  # shorter image side; None: 600 (paper), 160 (CPU recipe)
     max_size: int | None = None  # longer image side at most; None: 1000 (paper), 160 (CPU recipe)
-    workers: int = 2  # data-loader processes per training process (0: load in the main process)
+    workers: int | None = None  # data-loader processes per training process; None: 4 (paper), 0 (CPU recipe)
     # --- optimisation ---
     out: str = "runs/run"  # run folder: log.csv, checkpoint.pt, eval.json
     schedule: str = "1x"  # "1x" (12 epochs) or "2x" (24); the lr steps sit at 8/12 and 11/12 of the run
@@ -125,7 +131,8 @@ def validate_config(config: TrainConfig) -> None:
         (config.max_size is None or config.max_size >= 32, "--max-size", f"must be at least 32 pixels, got {config.max_size}"),
         (config.img_size is None or config.max_size is None or config.max_size >= config.img_size, "--max-size",
          f"{config.max_size} is smaller than --img-size {config.img_size}"),
-        (config.workers >= 0, "--workers", f"must be 0 or more, got {config.workers}"),
+        (config.workers is None or config.workers >= 0, "--workers", f"must be 0 or more, got {config.workers}"),
+        (config.recipe in (None, "paper", "cpu"), "recipe", f"unknown recipe {config.recipe!r} (choose from paper, cpu)"),
         (config.schedule in SCHEDULES, "--schedule", f"unknown schedule {config.schedule!r} (choose from 1x, 2x)"),
         (0 <= config.momentum < 1, "momentum", f"must be in [0, 1), got {config.momentum}"),
         (config.weight_decay >= 0, "weight_decay", f"must be >= 0, got {config.weight_decay}"),
@@ -157,7 +164,9 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def choose_recipe(config: TrainConfig, device: torch.device) -> str:
-    """"cpu": the small CPU recipe (CPU and no size option given); else "paper"."""
+    """config.recipe if set; else "cpu" (the small CPU recipe) on a CPU with no size option given, else "paper"."""
+    if config.recipe is not None:
+        return config.recipe
     no_size_option = all(getattr(config, name) is None for name in SIZE_OPTIONS)
     return "cpu" if device.type == "cpu" and no_size_option else "paper"
 
@@ -170,11 +179,12 @@ def resolve_defaults(config: TrainConfig, device: torch.device, previous: dict |
     """
     values = dataclasses.asdict(config)
     if previous is not None:
-        for name, value in previous.items():
-            if name in values and values[name] is None:
-                values[name] = value
+        for name in RESUMED_OPTIONS:
+            if values[name] is None:
+                values[name] = previous.get(name)
         values["model_options"] = {**previous.get("model_options", {}), **values["model_options"]}
-    recipe = CPU_RECIPE if choose_recipe(TrainConfig(**values), device) == "cpu" else PAPER_RECIPE
+    values["recipe"] = choose_recipe(TrainConfig(**values), device)
+    recipe = CPU_RECIPE if values["recipe"] == "cpu" else PAPER_RECIPE
     for name, value in recipe.items():
         if name == "model_options":
             values[name] = {**value, **values[name]}
@@ -377,15 +387,23 @@ def build_training_model(config: TrainConfig, num_classes: int, checkpoint: dict
     )
 
 
-def check_resume_compatible(config: TrainConfig, checkpoint: dict, path, dataset_category_ids: list[int]) -> None:
-    """InputError when the checkpoint is of another model, backbone or class set than this run."""
+def check_resume_options(config: TrainConfig, checkpoint: dict, path) -> None:
+    """InputError when the options given ask for another model than the checkpoint's (name, backbone,
+    sizes, model options): a resumed model is rebuilt from the checkpoint's config alone."""
     saved = checkpoint["config"]
-    previous = saved.get("training", {})
-    saved_model = saved.get("name", previous.get("model"))
-    if saved_model != config.model:
-        raise InputError(f"--resume: {path} is a {saved_model!r} checkpoint, not {config.model!r}")
-    if config.backbone is not None and saved.get("backbone") not in (None, config.backbone):
-        raise InputError(f"--resume: {path} has backbone {saved.get('backbone')!r}, not {config.backbone!r}")
+    if saved.get("name") != config.model:
+        raise InputError(f"--resume: {path} is a {saved.get('name')!r} checkpoint, not {config.model!r}")
+    asked = {"backbone": config.backbone, "img_size": config.img_size, "max_size": config.max_size,
+             **config.model_options}
+    for name, value in asked.items():
+        if value is not None and name in saved and saved[name] != value:
+            option = f"--{name.replace('_', '-')}" if name in SIZE_OPTIONS else f"model option {name}"
+            raise InputError(f"--resume: {path} has {name} {saved[name]!r}; {option} asks for {value!r}")
+
+
+def check_resume_classes(checkpoint: dict, path, dataset_category_ids: list[int]) -> None:
+    """InputError when the training set's categories are not the checkpoint's (same ids, same order)."""
+    saved = checkpoint["config"]
     saved_ids = list(saved.get("category_ids", []))
     if saved_ids != list(dataset_category_ids) or saved.get("num_classes", len(saved_ids)) != len(dataset_category_ids):
         raise InputError(
@@ -629,6 +647,8 @@ def _train(config: TrainConfig, ctx: DistContext) -> Path:
 
     checkpoint = load_checkpoint(config.resume) if config.resume else None
     previous = checkpoint["config"].get("training") if checkpoint is not None else None
+    if checkpoint is not None:
+        check_resume_options(config, checkpoint, config.resume)
     if checkpoint is not None and config.data is None and config.ann is None and previous is not None:
         config = dataclasses.replace(config, data=previous.get("data"), ann=previous.get("ann"),
                                      images=previous.get("images"), split=previous.get("split", config.split))
@@ -636,13 +656,13 @@ def _train(config: TrainConfig, ctx: DistContext) -> Path:
     if config.batch_size % ctx.world_size:
         raise InputError(f"--batch-size: {config.batch_size} images do not split over {ctx.world_size} processes")
     if ctx.is_main:
-        logger.info("recipe: %s (%s, %d px max %d, %d epochs, batch %d, lr %g)", choose_recipe(config, ctx.device),
+        logger.info("recipe: %s (%s, %d px max %d, %d epochs, batch %d, lr %g)", config.recipe,
                     config.backbone, config.img_size, config.max_size, config.epochs, config.batch_size, config.lr)
     run_dir = Path(config.out)
 
     category_ids = list(checkpoint["config"]["category_ids"]) if checkpoint is not None else None
     if checkpoint is not None:
-        check_resume_compatible(config, checkpoint, config.resume, dataset_category_ids(config))
+        check_resume_classes(checkpoint, config.resume, dataset_category_ids(config))
     dataset, _ = load_train_dataset(config, category_ids)
     category_ids = list(dataset.category_ids)
 

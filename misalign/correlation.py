@@ -59,14 +59,24 @@ def rank_correlations(x: np.ndarray, y: np.ndarray, spearman: bool = True) -> di
 
 
 def group_midranks(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """[n] float64: the midrank (from 1, ties averaged) of each value among the rows of its group."""
+    """[n] float64: the midrank (from 1, ties averaged) of each value among the rows of its group.
+
+    codes [n] non-negative integer group codes. Two integer sorts instead of a lexsort (faster).
+    """
     n = len(values)
-    order = np.lexsort((values, codes))  # by group, then value
-    c, v = codes[order], values[order]
+    if n == 0:
+        return np.zeros(0)
+    by_value = np.argsort(values, kind="stable")
+    ordered = values[by_value]
+    dense = np.empty(n, np.int64)  # dense rank of each value
+    dense[by_value] = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1
+    key = np.asarray(codes, dtype=np.int64) * (int(dense.max()) + 1) + dense  # group-major, then value
+    order = np.argsort(key, kind="stable")
+    k, c = key[order], np.asarray(codes)[order]
     position = np.arange(n)
-    new_group = np.r_[True, c[1:] != c[:-1]] if n else np.zeros(0, bool)
-    new_run = new_group | (np.r_[True, v[1:] != v[:-1]] if n else np.zeros(0, bool))
-    group_start = np.maximum.accumulate(np.where(new_group, position, 0)) if n else position
+    new_group = np.r_[True, c[1:] != c[:-1]]
+    new_run = np.r_[True, k[1:] != k[:-1]]  # runs of equal (group, value)
+    group_start = np.maximum.accumulate(np.where(new_group, position, 0))
     run_start = position[new_run]
     run_end = np.r_[run_start[1:], n] - 1
     run = np.cumsum(new_run) - 1
@@ -183,8 +193,8 @@ class RankedPool:
     was drawn returns, per score array, scipy's spearmanr on the resample where every row of image i
     appears c[i] times: the weighted Pearson correlation of weighted midranks. The sums of squared
     centred ranks come in closed form from the tie sizes; only the cross term needs every row:
-    per resample and score array one cumulative sum in its order, one gather into y's order, one
-    dot product (a few milliseconds per million rows).
+    per resample and score array one gather of weights, one integer cumulative sum in its order,
+    one gather into y's order and one dot product - about ten passes over the rows.
     """
 
     def __init__(self, xs, y, image_pos, num_images: int):
@@ -225,7 +235,8 @@ class RankedPool:
             a, b = self._float
             np.copyto(a, rx2, casting="unsafe")
             np.copyto(b, aligned, casting="unsafe")
-            cross = np.dot(a, b) / 4 - total * ((total + 1) / 2) ** 2  # sum w (rx - m)(ry - m)
+            # einsum, not np.dot: a multi-threaded BLAS dot crawls on a busy machine
+            cross = np.einsum("i,i->", a, b) / 4 - total * ((total + 1) / 2) ** 2  # sum w (rx - m)(ry - m)
             result[k] = np.clip(cross / np.sqrt(sxx * syy), -1.0, 1.0)
         return result
 

@@ -114,15 +114,17 @@ def per_image_counts(ledger) -> pd.DataFrame:
     Index: image_id in images.parquet order. Columns (stage, condition): ('anchors', 'rows') =
     num_anchors and ('anchors', 'iou>=0.5') = num_pos_anchors when known, ('anchors', 'iou>t') and
     ('raw', 'cls>t' / 'iou>t') from raw_counts.parquet when present, ('pre_nms', ...) and
-    ('post_nms', ...) from candidates: 'rows' (boxes of the stage) and the eleven conditions.
-    Needs candidates columns image_id, cls_score, iou, kept.
+    ('post_nms', ...) from candidates: 'rows' (boxes of the stage) and the eleven conditions; no
+    'pre_nms' columns for a post-NMS-only ledger. Needs candidates columns image_id, cls_score,
+    iou, kept.
     """
     images, candidates = ledger.images, ledger.candidates
     num_images = len(images)
     positions = image_positions(images, candidates["image_id"].to_numpy(), "candidates.parquet")
     columns = _raw_stages(ledger, num_images)
     kept = np.flatnonzero(candidates["kept"].to_numpy())
-    for stage, rows in (("pre_nms", None), ("post_nms", kept)):
+    stages = (("pre_nms", None), ("post_nms", kept)) if ledger.pre_nms else (("post_nms", kept),)
+    for stage, rows in stages:
         for key, values in _candidate_stage(candidates, positions, num_images, rows).items():
             columns[(stage, key)] = values
     frame = pd.DataFrame(columns, index=pd.Index(images["image_id"].to_numpy(np.int64), name="image_id"))
@@ -174,11 +176,12 @@ def per_image_proportions(per_image: pd.DataFrame, image_ids=None) -> pd.DataFra
 
     Columns: image_id, condition, pre_nms_count, post_nms_count, pre_nms (proportion of the image's
     pre-NMS boxes), post_nms (proportion of its kept boxes), survival (post / pre count). NaN where
-    a denominator is 0.
+    a denominator is 0, and in the pre-NMS columns of a post-NMS-only ledger.
     """
     frame = per_image if image_ids is None else per_image.loc[list(image_ids)]
     keys = [k for k, _, _ in CONDITIONS]
-    pre, post = frame["pre_nms"], frame["post_nms"]
+    post = frame["post_nms"]
+    pre = frame["pre_nms"] if "pre_nms" in frame.columns.get_level_values(0) else post * np.nan  # post-NMS only
     with np.errstate(invalid="ignore", divide="ignore"):
         long = pd.DataFrame({
             "image_id": np.repeat(frame.index.to_numpy(), len(keys)),

@@ -62,8 +62,13 @@ def _read_json_results(path: Path) -> pd.DataFrame:
     for row, item in enumerate(results):
         if not isinstance(item, dict):
             raise InputError(f"{path}: row {row}: expected an object with image_id, category_id, bbox, score")
-    frame = pd.DataFrame(results)
-    _require(path, frame, ("image_id", "category_id", "bbox", "score"))
+    required = ("image_id", "category_id", "bbox", "score")
+    frame = pd.DataFrame(results) if results else pd.DataFrame({key: [] for key in required})
+    _require(path, frame, required)
+    missing = [(int(np.argmax(frame[k].isna().to_numpy())), k) for k in required if frame[k].isna().any()]
+    if missing:
+        row, key = min(missing)
+        raise InputError(f"{path}: row {row}: no {key}")
     frame = frame.assign(**_boxes_from_bbox(path, frame["bbox"]))
     return frame.drop(columns=["bbox"])
 
@@ -203,18 +208,21 @@ def _show(value: float) -> str:
 # --- NMS -----------------------------------------------------------------------------------------
 
 
-def _suppressors(boxes, categories, candidates: np.ndarray, survivors: np.ndarray, nms_thresh: float) -> np.ndarray:
-    """[N] for rows ordered by rank (score descending): the first row of `survivors` (in rank order),
-    of the same category, ranked before the row, with IoU > nms_thresh; -1 where there is none.
-    Only the rows in `candidates` are looked up. boxes [N, 4] xyxy, categories [N]."""
+def _suppressors(boxes, categories, survivor: np.ndarray, nms_thresh: float) -> np.ndarray:
+    """[N] suppressor of each non-survivor: the first survivor (in rank order) of the same category,
+    ranked before it, with IoU > nms_thresh; -1 for survivors and where there is none.
+
+    Rows ordered by rank (score descending); boxes [N, 4] xyxy float64; survivor [N] bool.
+    """
     result = np.full(len(boxes), -1, np.int64)
-    if not len(candidates) or not len(survivors):
-        return result
-    iou = box_iou(boxes[candidates], boxes[survivors])  # [C, S] float64, like the NMS
-    valid = (iou > nms_thresh) & (categories[candidates][:, None] == categories[survivors][None, :]) \
-        & (survivors[None, :] < candidates[:, None])  # [C, S]
-    first = valid.argmax(axis=1)  # survivors are in rank order: the first True is the best
-    result[candidates] = np.where(valid.any(axis=1), survivors[first], -1)
+    for category in np.unique(categories[~survivor]):
+        rows = np.flatnonzero(categories == category)  # rank order
+        lost, won = rows[~survivor[rows]], rows[survivor[rows]]
+        if not len(won):
+            continue
+        valid = (box_iou(boxes[lost], boxes[won]) > nms_thresh) & (won[None, :] < lost[:, None])  # [L, W]
+        first = valid.argmax(axis=1)  # survivors are in rank order: the first True is the best
+        result[lost] = np.where(valid.any(axis=1), won[first], -1)
     return result
 
 
@@ -226,7 +234,9 @@ def nms_with_attribution(boxes, scores, categories, nms_thresh: float = 0.5, max
     sorts; this is torchvision's stable order). Returns kept [N] bool (NMS survivors among the best
     `max_det` survivors) and suppressed_by [N] int64: the row of the highest-ranked survivor of the
     same class with IoU > nms_thresh; -1 for every survivor (kept or cut by max_det).
-    NMS is torchvision.ops.nms per class (torch imported here, lazily).
+    NMS is torchvision.ops.nms called per class (torch imported here, lazily): the same greedy
+    algorithm as batched_nms, without its coordinate-offset trick, whose shifted float values could
+    make the attribution's IoU disagree with the NMS's right at the threshold.
     """
     import torch
     from torchvision.ops import nms
@@ -246,7 +256,7 @@ def nms_with_attribution(boxes, scores, categories, nms_thresh: float = 0.5, max
     survivors = np.flatnonzero(survivor)  # rank order
     kept = np.zeros(num, bool)
     kept[survivors[:max_det]] = True
-    suppressed_by = _suppressors(boxes, categories, np.flatnonzero(~survivor), survivors, nms_thresh)
+    suppressed_by = _suppressors(boxes, categories, survivor, nms_thresh)
     missing = ~survivor & (suppressed_by < 0)
     if np.any(missing):  # cannot happen with a stable sort; keep the contract if it does
         log.warning("%d suppressed boxes without a suppressor found; recorded as -1", int(missing.sum()))
@@ -303,7 +313,7 @@ def _ledger_columns(preds: pd.DataFrame, fmt: str, gt_by_image: dict, nms_thresh
         elif given_kept is not None:
             kept[s:e] = given_kept[s:e]
             # a kept box scored at least as high: rows are ranked, so "ranked before" (ties: row order)
-            local_sup[s:e] = _suppressors(b, c, np.flatnonzero(~kept[s:e]), np.flatnonzero(kept[s:e]), nms_thresh)
+            local_sup[s:e] = _suppressors(b, c, kept[s:e], nms_thresh)
         truth = gt_by_image.get(int(image_ids[s]))
         if truth is not None:
             iou[s:e], gt_id[s:e], iou_any[s:e] = match_truth(b, c, *truth)

@@ -204,7 +204,7 @@ def _slug(name: str) -> str:
 
 
 def _interval_text(lo, hi, digits=3, percent=False) -> str | None:
-    if lo is None or hi is None or not np.isfinite([lo, hi]).all():
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return None
     if percent:
         return f"[{100 * lo:.{digits}f}%, {100 * hi:.{digits}f}%]"

@@ -110,6 +110,16 @@ def _decorate_score_iou(ax, score_col: str, show_quadrant_label: bool = False) -
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
 
 
+def _grow_top(fig, extra: float) -> None:
+    """Add `extra` inches above the axes of a fixed-layout figure (axes keep their size in inches)."""
+    old_h = fig.get_figheight()
+    pars = fig.subplotpars
+    top_in, bottom_in = (1 - pars.top) * old_h, pars.bottom * old_h
+    new_h = old_h + extra
+    fig.set_figheight(new_h)
+    fig.subplots_adjust(top=1 - (top_in + extra) / new_h, bottom=bottom_in / new_h)
+
+
 def _finish(fig, handles=(), labels=(), ncol=None):
     """One legend for the whole figure, in a band above the panels; tight layout unless `_grid`
     already fixed the layout (saving then takes a single draw)."""
@@ -120,6 +130,8 @@ def _finish(fig, handles=(), labels=(), ncol=None):
         has_markers = any(isinstance(h, Line2D) and h.get_linestyle() in ("None", "") for h in handles)
         fig.legend(list(handles), list(labels), loc="upper center", bbox_to_anchor=(0.5, 1.0), frameon=False,
                    ncol=ncol, markerscale=2.0 if has_markers else 1.0)
+        if fixed and band > LEGEND_BAND:  # a taller legend: grow the figure, keep the axes' size in inches
+            _grow_top(fig, band - LEGEND_BAND)
         if not fixed:
             fig.tight_layout(rect=(0, 0, 1, 1 - band / fig.get_figheight()))
     elif not fixed:
@@ -217,7 +229,8 @@ def figure_proportions(proportions: dict, survival: dict, palette: dict):
     names = list(proportions)
     conditions = list(dict.fromkeys(c for n in names for c in proportions[n].get("pre_nms", {})))
     for ax, prefix in ((ax_c, "cls"), (ax_i, "iou")):
-        conds = [c for c in conditions if c.startswith(prefix)]
+        # cls>0.05 is (about) the score threshold: ~100% in both stages, it would flatten the others
+        conds = [c for c in conditions if c.startswith(prefix) and c != "cls>0.05"]
         x = np.arange(len(conds))
         for name in names:
             for stage, ls, marker in (("pre_nms", "-", "o"), ("post_nms", "--", "s")):
@@ -225,7 +238,7 @@ def figure_proportions(proportions: dict, survival: dict, palette: dict):
                 ax.plot(x, values, ls=ls, marker=marker, ms=4, color=palette[name])
         ax.set_xticks(x, conds, rotation=45, ha="right")
         ax.set_ylabel("boxes meeting the condition (% of stage)")
-        ax.set_title(f"{prefix} conditions: share of boxes")
+        ax.set_title(f"{prefix} conditions: share of boxes" + (" (cls>0.05: see table)" if prefix == "cls" else ""))
         ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
     x = np.arange(len(conditions))
@@ -250,7 +263,7 @@ def figure_proportions_per_image(per_image: dict, palette: dict, conditions=("cl
     (proportions 0-1; misalign's Analysis.per_image_proportions) for the chosen images.
     """
     names = list(per_image)
-    fig, panels = _grid(len(names), 1, width=4.0, height=2.6, gap_w=0.7, bottom=0.75, gap_h=1.0)
+    fig, panels = _grid(len(names), 1, width=3.3, height=2.1, gap_w=0.75, bottom=0.75, gap_h=1.0)
     markers = {"cls": "o", "iou": "^"}
     for p, name in enumerate(names):
         ax = panels[p][0]
@@ -264,7 +277,8 @@ def figure_proportions_per_image(per_image: dict, palette: dict, conditions=("cl
                         color=palette[name], alpha=1.0 if cond.startswith("iou") else 0.55)
         ax.set_xticks(x, [str(i) for i in image_ids], rotation=45, ha="right")
         ax.set_xlabel("image id")
-        ax.set_ylabel("boxes meeting the condition (% of stage)")
+        if p % MAX_COLS == 0:
+            ax.set_ylabel("boxes meeting it (% of stage)")
         ax.set_title(name, color=palette[name])
         ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
@@ -290,7 +304,7 @@ def figure_correlation(correlation: dict, palette: dict):
                 continue
             y = j - 0.4 + step * (i + 0.5)
             rho = stats.get("spearman")
-            lo, hi = (stats.get("ci95", {}).get("spearman") or [np.nan, np.nan])
+            lo, hi = [np.nan if v is None else v for v in (stats.get("ci95", {}).get("spearman") or [None, None])]
             if rho is not None and np.isfinite(rho):
                 err = [[max(rho - lo, 0)], [max(hi - rho, 0)]] if np.isfinite([lo, hi]).all() else None
                 ax_r.errorbar(rho, y, xerr=err, fmt="o", color=palette[name], ms=5, capsize=3)
@@ -307,7 +321,7 @@ def figure_correlation(correlation: dict, palette: dict):
     ax_r.set_title("rank correlation over candidates with IoU ≥ min_iou")
     ax_d.set_xlim(0, 1)
     ax_d.axvline(0.5, color="0.4", lw=0.8, ls=":")
-    ax_d.set_xlabel("divergence = (1 − mean per-gt Spearman ρ) / 2   (0 = aligned, 0.5 = unrelated, 1 = reversed)")
+    ax_d.set_xlabel("divergence (0 aligned · 0.5 unrelated · 1 reversed)")
     ax_d.set_title("ranking divergence per ground-truth box")
     return _finish(fig, [Patch(color=palette[n]) for n in names], names, ncol=min(len(names), 8))
 

@@ -107,16 +107,6 @@ def fmt_count(v) -> str:
     return f"{int(v):,}"
 
 
-def fmt_interval(v) -> str:
-    return v if isinstance(v, str) else "–"
-
-
-def _interval(lo, hi, digits=3) -> str | None:
-    if lo is None or hi is None or not np.isfinite([lo, hi]).all():
-        return None
-    return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
 # ---------------------------------------------------------------------------------------------
 # tables from metrics.json
 

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -140,7 +141,8 @@ def slow_per_gt(pool):
     rhos = []
     for _, group in pool.groupby("gt_id"):
         if len(group) >= 3:
-            with np.errstate(all="ignore"), pytest.warns(None) if False else contextlib.nullcontext():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # constant input: NaN, skipped
                 rho = stats.spearmanr(group["x"], group["iou"]).statistic
             if np.isfinite(rho):
                 rhos.append(rho)
@@ -237,8 +239,8 @@ def test_group_midranks_and_per_gt_spearman_against_scipy():
     for row in table.itertuples():
         sel = gt_id == row.gt_id
         assert row.n == sel.sum() >= 3 and row.image_id == row.gt_id * 100
-        with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
-            __import__("warnings").simplefilter("ignore")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             expected = stats.spearmanr(x[sel], y[sel]).statistic
         if np.isnan(expected):
             assert np.isnan(row.spearman)
@@ -321,7 +323,10 @@ def test_pycocotools_and_faster_coco_eval_give_identical_ap(case):
 def test_post_nms_only_ledger(tmp_path):
     gt = make_gt(tmp_path / "gt.json", num_images=4, seed=5)
     folder = make_ledger(tmp_path / "p", gt, seed=4, post_only=True, skip_images=(20,))
-    m = compute_metrics(folder, bootstrap=10)  # gt from meta.json
+    analysis = analyze(folder, bootstrap=10)  # gt from meta.json
+    m = analysis.metrics
+    assert set(analysis.table1().index.get_level_values("stage")) == {"post_nms"}
+    assert analysis.per_image_proportions()["pre_nms"].isna().all()
     assert m["counts"]["pre_nms"] == {} and m["survival"] == {} and m["proportions"]["pre_nms"] == {}
     assert m["counts"]["raw"] == {} and m["counts"]["anchors"] == {}
     kept = read_candidates(folder)

@@ -289,6 +289,9 @@ def test_backbone_weights_errors(tmp_path):
         ("retinanet", {"trainable_layers": 6}, "model option trainable_layers: must be in 0..5"),
         ("retinanet", {"img_size": 512, "max_size": 256}, "model option max_size: must be >= img_size"),
         ("retinanet", {"backbone": "resnet10", "pretrained": True}, "model option pretrained: resnet10 has no"),
+        ("retinanet", {"score_thresh": "0.5"}, "model option score_thresh: must be of type float, got '0.5'"),
+        ("retinanet", {"anchor_sizes": [32, 64]}, "model option anchor_sizes: must be 5 positive sizes"),
+        ("retinanet", {"pretrained": True, "backbone_weights": "w.pt"}, "model option backbone_weights: give either"),
     ],
 )
 def test_bad_input_is_one_line_input_error(name, options, message):
@@ -314,7 +317,7 @@ def test_defaults_and_score_formula():
     # The classifier starts at probability 0.01 for every class.
     bias = model.head.cls_logits.bias
     assert torch.allclose(torch.sigmoid(bias), torch.full_like(bias, 0.01))
-    assert math.isclose(float(torch.sigmoid(model.head.obj_logits.bias[0])), 0.5)
+    assert math.isclose(float(torch.sigmoid(model.head.obj_logits.bias.detach()[0])), 0.5)
     assert isinstance(model.anchor_generator, AnchorGenerator)
 
 

@@ -4,9 +4,18 @@ import math
 
 import pytest
 import torch
+from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import batched_nms
 
-from detector.postprocess import PostprocessSettings, find_suppressors, joint_score, select_candidates
+from detector.postprocess import (
+    PostprocessSettings,
+    find_suppressors,
+    joint_score,
+    postprocess_image,
+    select_candidates,
+)
+
+BOX_CODER = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
 
 
 def _logit(p: float) -> float:
@@ -102,6 +111,9 @@ def _greedy_nms_reference(boxes, scores, labels, thresh):
     """Slow greedy NMS in Python: returns (survivor flags, suppressor of each box or -1)."""
     boxes, scores, labels = boxes.tolist(), scores.tolist(), labels.tolist()
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    by_label = {}
+    for i in order:
+        by_label.setdefault(labels[i], []).append(i)
     suppressed_by = [-1] * len(scores)
     removed = [False] * len(scores)
 
@@ -110,13 +122,14 @@ def _greedy_nms_reference(boxes, scores, labels, thresh):
         union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
         return inter / union
 
-    for pos, i in enumerate(order):
-        if removed[i]:
-            continue
-        for j in order[pos + 1 :]:
-            if not removed[j] and labels[j] == labels[i] and iou(boxes[i], boxes[j]) > thresh:
-                removed[j] = True
-                suppressed_by[j] = i
+    for same_label in by_label.values():  # classes never suppress each other
+        for pos, i in enumerate(same_label):
+            if removed[i]:
+                continue
+            for j in same_label[pos + 1 :]:
+                if not removed[j] and iou(boxes[i], boxes[j]) > thresh:
+                    removed[j] = True
+                    suppressed_by[j] = i
     return [not r for r in removed], suppressed_by
 
 
@@ -138,3 +151,22 @@ def test_find_suppressors_matches_slow_greedy_nms(seed):
     got = find_suppressors(boxes, scores, labels, survivors, 0.5)
     assert got.tolist() == expected
     assert (got >= 0).sum() > 100  # the case exercises suppression
+
+
+def test_postprocess_image_large_pool_matches_slow_greedy_nms():
+    """> 1000 candidates: batched_nms takes its per-class path on CPU; the suppressors still agree."""
+    g = torch.Generator().manual_seed(3)
+    num_anchors, num_classes = 600, 3
+    xy = torch.rand(num_anchors, 2, generator=g) * 150
+    anchors = torch.cat([xy, xy + 16 + torch.rand(num_anchors, 2, generator=g) * 24], dim=1)
+    cls_logits = torch.randn(num_anchors, num_classes, generator=g)
+    deltas = torch.randn(num_anchors, 4, generator=g) * 0.1
+    settings = PostprocessSettings(topk=1000)
+    cand = postprocess_image(cls_logits, deltas, None, anchors, [400, 200], (180, 180), BOX_CODER, settings)
+    assert len(cand["score"]) > 1000
+    assert bool((cand["score"] > 0.05).all()) and bool((cand["score"][:-1] >= cand["score"][1:]).all())
+    flags, expected = _greedy_nms_reference(cand["boxes"], cand["score"], cand["labels"], 0.5)
+    assert torch.nonzero(torch.tensor(flags)).squeeze(1).tolist() == cand["survivors"].tolist()
+    assert torch.equal(torch.nonzero(cand["kept"]).squeeze(1), cand["survivors"][:100])
+    got = find_suppressors(cand["boxes"], cand["score"], cand["labels"], cand["survivors"], 0.5)
+    assert got.tolist() == expected

@@ -1,0 +1,129 @@
+"""Benchmark: the whole `misalign report --before-after-nms` against pycocotools' COCOeval.
+
+A synthetic ledger the size of COCO val (5,000 images x 1,000 pre-NMS candidates, 80 categories,
+~7 ground-truth boxes per image, 100 kept per image) is generated into a temporary folder (not
+timed). Then, in the same run:
+- the report, as a subprocess (`misalign report --before-after-nms DUMP --out DIR`): wall time and
+  peak resident memory (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss: the report is the only child);
+- pycocotools' COCOeval on the kept rows alone: load the ground truth, loadRes(detections.json),
+  evaluate, accumulate, summarize (in this process).
+Targets: report time <= 1.0 x COCOeval time; report peak memory <= 4 GB.
+
+    .venv/bin/python bench/report_vs_cocoeval.py                # full size
+    .venv/bin/python bench/report_vs_cocoeval.py --images 500   # quicker look
+    .venv/bin/python bench/report_vs_cocoeval.py --profile      # + cProfile top costs of the report
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import pstats
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def generate(folder: Path, args) -> Path:
+    from reports.synthetic import synthetic_ledger
+
+    start = time.perf_counter()
+    gt = synthetic_ledger(folder / "dump", num_images=args.images, cands_per_image=args.cands,
+                          num_categories=args.categories, gt_per_image=args.gt_per_image,
+                          kept_per_image=args.kept, seed=args.seed, gt_path=folder / "instances_synthetic.json")
+    print(f"generated {args.images} images x {args.cands} candidates in {time.perf_counter() - start:.1f} s "
+          f"(not timed)", flush=True)
+    return gt
+
+
+def report_command(dump: Path, out: Path, args) -> list[str]:
+    return [sys.executable, "-c", "from cli import main; main()", "report", "--before-after-nms", str(dump),
+            "--out", str(out), "--bootstrap", str(args.bootstrap)]
+
+
+def time_report(dump: Path, out: Path, args) -> tuple[float, float]:
+    """(seconds, peak RSS in GB) of the report subprocess."""
+    command = report_command(dump, out, args)
+    print("$ misalign " + " ".join(command[3:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kilobytes on Linux
+    return seconds, peak_kb / 1e6
+
+
+def time_cocoeval(gt: Path, detections: Path) -> tuple[float, float]:
+    """(seconds, AP) of pycocotools: load gt, loadRes, evaluate, accumulate, summarize."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt))
+        coco_dt = coco_gt.loadRes(str(detections))
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return time.perf_counter() - start, float(evaluator.stats[0])
+
+
+def profile_report(dump: Path, out: Path, args, top: int = 25) -> None:
+    """The report in this process under cProfile; prints the `top` cumulative costs of misalign/reports code."""
+    from reports import write_report
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    write_report([dump], out, before_after_nms=True, bootstrap=args.bootstrap)
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    print(f"\n--- cProfile of the report: top {top} by cumulative time (misalign/, reports/) ---")
+    stats.sort_stats("cumulative").print_stats(r"(misalign|reports)/", top)
+    print(f"--- top {top} by own time (all code) ---")
+    stats.sort_stats("tottime").print_stats(top)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=5000)
+    parser.add_argument("--cands", type=int, default=1000, help="pre-NMS candidates per image")
+    parser.add_argument("--categories", type=int, default=80)
+    parser.add_argument("--gt-per-image", type=float, default=7.0)
+    parser.add_argument("--kept", type=int, default=100, help="kept detections per image")
+    parser.add_argument("--bootstrap", type=int, default=200, help="the report's --bootstrap (its default: 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, default=None, help="write the ledger and report here and keep them")
+    parser.add_argument("--profile", action="store_true", help="also profile the report in-process (after timing)")
+    args = parser.parse_args()
+
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="misalign-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        gt = folder / "instances_synthetic.json"
+        if not (folder / "dump" / "meta.json").exists() or not gt.exists():
+            gt = generate(folder, args)
+        report_s, peak_gb = time_report(folder / "dump", folder / "report", args)
+        coco_s, ap = time_cocoeval(gt, folder / "dump" / "detections.json")
+        ratio = report_s / coco_s
+        print(f"report (misalign report --before-after-nms, subprocess): {report_s:8.1f} s")
+        print(f"pycocotools COCOeval (load, loadRes, evaluate, accumulate, summarize): {coco_s:8.1f} s  (AP {ap:.3f})")
+        print(f"ratio report / COCOeval: {ratio:.2f}  (target <= 1.0: {'PASS' if ratio <= 1.0 else 'FAIL'})")
+        print(f"report peak memory (max RSS): {peak_gb:.2f} GB  (target <= 4 GB: {'PASS' if peak_gb <= 4 else 'FAIL'})")
+        if args.profile:
+            profile_report(folder / "dump", folder / "report-profiled", args)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

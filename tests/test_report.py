@@ -1,0 +1,434 @@
+"""`misalign report`: the report passes misalign's numbers through unchanged, its CSV tables agree
+with metrics.json, a few headline numbers match plain pandas / scipy / pycocotools, the page holds
+every section with decodable embedded figures, it degrades gracefully, and bad input is one line.
+
+The ledgers are synthetic (reports.synthetic, written through misalign.ledger.LedgerWriter), plus
+one made by `misalign import` from COCO results (post-NMS only).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from scipy import stats
+
+from cli import main
+from reports.synthetic import synthetic_ledger
+
+SIZES = dict(num_images=10, cands_per_image=120, num_categories=4, gt_per_image=4, kept_per_image=15)
+REPORT_ARGS = ["--images", "2", "--bootstrap", "30", "--seed", "3"]
+SECTION_IDS = ("summary", "differences", "before-after", "figure1", "table1", "figure2", "correlation", "coco",
+               "provenance")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def ledgers(tmp_path_factory):
+    """Ground truth + four dumps of the same images: base (no obj_score, score = cls), conf (obj_score),
+    conf_b (a second obj detector), imported (misalign import of base's detections.json: post-NMS only)."""
+    root = tmp_path_factory.mktemp("ledgers")
+    gt = synthetic_ledger(root / "base", seed=1, with_obj=False, name="retinanet", gt_path=root / "gt.json", **SIZES)
+    synthetic_ledger(root / "conf", seed=2, gt_path=gt, name="retinanet-conf", **SIZES)
+    synthetic_ledger(root / "conf_b", seed=5, gt_path=gt, obj_coupling=0.4, **SIZES)
+    result = run("import", "--gt", gt, "--predictions", root / "base" / "detections.json", "--out", root / "imported")
+    assert result.exit_code == 0, result.output
+    return {"root": root, "gt": gt, **{k: root / k for k in ("base", "conf", "conf_b", "imported")}}
+
+
+@pytest.fixture(scope="module")
+def pair_report(ledgers):
+    """The two-detector --before-after-nms report (written once for the module)."""
+    out = ledgers["root"] / "report_pair"
+    result = run("report", "--before-after-nms", ledgers["base"], ledgers["conf"], "--out", out, *REPORT_ARGS)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stdout.strip() == str(out / "index.html")
+    return out
+
+
+def json_normalised(obj):
+    """What json.dump/json.load make of `obj` (NaN -> None as the report writes strict JSON)."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        return v
+    return json.loads(json.dumps(clean(obj)))
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+
+def test_metrics_json_is_compute_metrics_unchanged(ledgers, pair_report):
+    from misalign.cocoeval import STAT_KEYS
+    from misalign.metrics import compute_metrics
+
+    metrics = json.loads((pair_report / "metrics.json").read_text())
+    expected = {"schema": 1, "detectors": {
+        name: compute_metrics(ledgers[name], ledgers["gt"], min_iou=0.5, bootstrap=30, seed=3)
+        for name in ("base", "conf")}}
+    assert metrics == json_normalised(expected)
+    # the keys of DESIGN.md §3.4
+    assert list(metrics) == ["schema", "detectors"] and list(metrics["detectors"]) == ["base", "conf"]
+    conditions = [f"cls>{t:g}" for t in (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)] + [f"iou>{t:g}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)]
+    for name, m in metrics["detectors"].items():
+        assert set(m) == {"ap", "counts", "survival", "proportions", "correlation"}
+        assert list(m["ap"]) == list(STAT_KEYS)
+        assert set(m["counts"]) == {"raw", "anchors", "pre_nms", "post_nms"}
+        for stage in ("raw", "pre_nms", "post_nms"):
+            assert list(m["counts"][stage]) == conditions
+        assert "iou>0.5" in m["counts"]["anchors"]
+        assert set(m["proportions"]) == {"pre_nms", "post_nms"}
+        columns = {"cls_score", "score"} | ({"obj_score"} if name == "conf" else set())
+        assert set(m["correlation"]) == columns
+        for entry in m["correlation"].values():
+            assert {"spearman", "kendall", "pearson", "spearman_per_gt", "divergence", "n", "n_gt", "ci95"} <= set(entry)
+            assert len(entry["ci95"]["spearman"]) == 2
+
+
+def test_headline_numbers_match_pandas_scipy_pycocotools(ledgers, pair_report):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    metrics = json.loads((pair_report / "metrics.json").read_text())["detectors"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(ledgers["gt"]))
+    for name in ("base", "conf"):
+        m = metrics[name]
+        cands = pd.read_parquet(ledgers[name] / "candidates.parquet")
+        kept = cands[cands["kept"]]
+        # AP: pycocotools itself on the kept rows (the report may use faster-coco-eval: same numbers)
+        dets = np.column_stack([kept["image_id"], kept["x1"].astype(float), kept["y1"].astype(float),
+                                kept["x2"].astype(float) - kept["x1"].astype(float),
+                                kept["y2"].astype(float) - kept["y1"].astype(float),
+                                kept["score"].astype(float), kept["category_id"]])
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+            evaluator.params.imgIds = sorted(coco_gt.getImgIds())
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        assert m["ap"]["AP"] == pytest.approx(evaluator.stats[0], abs=1e-6)
+        assert m["ap"]["AP50"] == pytest.approx(evaluator.stats[1], abs=1e-6)
+        assert m["ap"]["AR100"] == pytest.approx(evaluator.stats[8], abs=1e-6)
+        # counts, proportions, survival: strict '>' in float32
+        pre_iou = int((cands["iou"] > np.float32(0.5)).sum())
+        post_iou = int((kept["iou"] > np.float32(0.5)).sum())
+        assert m["counts"]["pre_nms"]["iou>0.5"] == pre_iou
+        assert m["counts"]["post_nms"]["iou>0.5"] == post_iou
+        assert m["counts"]["pre_nms"]["cls>0.6"] == int((cands["cls_score"] > np.float32(0.6)).sum())
+        assert m["survival"]["iou>0.5"] == pytest.approx(post_iou / pre_iou, abs=1e-12)
+        assert m["proportions"]["post_nms"]["iou>0.5"] == pytest.approx(post_iou / len(kept), abs=1e-12)
+        raw = pd.read_parquet(ledgers[name] / "raw_counts.parquet")
+        anchors = raw[(raw["stage"] == "anchors") & (raw["threshold"] == 0.5)]["count"].sum()
+        assert m["counts"]["anchors"]["iou>0.5"] == anchors
+        # correlations over the pool iou >= 0.5
+        pool = cands[cands["iou"] >= np.float32(0.5)]
+        rho = stats.spearmanr(pool["score"], pool["iou"]).statistic
+        assert m["correlation"]["score"]["spearman"] == pytest.approx(rho, abs=1e-6)
+        assert m["correlation"]["score"]["kendall"] == pytest.approx(stats.kendalltau(pool["score"], pool["iou"]).statistic, abs=1e-6)
+        assert m["correlation"]["score"]["n"] == len(pool)
+        per_gt = [stats.spearmanr(g["score"], g["iou"]).statistic for _, g in pool.groupby("gt_id") if len(g) >= 3]
+        per_gt = [r for r in per_gt if np.isfinite(r)]
+        assert m["correlation"]["score"]["spearman_per_gt"] == pytest.approx(np.mean(per_gt), abs=1e-6)
+        assert m["correlation"]["score"]["divergence"] == pytest.approx((1 - np.mean(per_gt)) / 2, abs=1e-6)
+        lo, hi = m["correlation"]["score"]["ci95"]["spearman"]
+        assert lo <= rho <= hi
+
+
+def test_csv_tables_agree_with_metrics_json(pair_report):
+    metrics = json.loads((pair_report / "metrics.json").read_text())["detectors"]
+    tables = pair_report / "tables"
+    coco = pd.read_csv(tables / "coco_ap.csv").set_index("detector")
+    corr = pd.read_csv(tables / "correlation.csv").set_index(["detector", "score column"])
+    props = pd.read_csv(tables / "proportions.csv").set_index(["detector", "quantity"])
+    totals = pd.read_csv(tables / "table1_all.csv")
+    summary = pd.read_csv(tables / "summary.csv").set_index("detector")
+    for name, m in metrics.items():
+        for key, value in m["ap"].items():
+            assert coco.loc[name, key] == pytest.approx(value, abs=1e-12)
+        assert summary.loc[name, "AP"] == pytest.approx(m["ap"]["AP"], abs=1e-12)
+        assert summary.loc[name, "spearman"] == pytest.approx(m["correlation"]["score"]["spearman"], abs=1e-12)
+        assert summary.loc[name, "survival iou>0.5"] == pytest.approx(m["survival"]["iou>0.5"], abs=1e-12)
+        for column, entry in m["correlation"].items():
+            row = corr.loc[(name, column)]
+            for key in ("spearman", "kendall", "pearson", "spearman_per_gt", "divergence", "n", "n_gt"):
+                assert row[key] == pytest.approx(entry[key], abs=1e-12)
+            assert [row["spearman_ci_lo"], row["spearman_ci_hi"]] == pytest.approx(entry["ci95"]["spearman"], abs=1e-12)
+        for cond, value in m["proportions"]["pre_nms"].items():
+            assert props.loc[(name, "proportion before NMS"), cond] == pytest.approx(value, abs=1e-12)
+        for cond, value in m["survival"].items():
+            assert props.loc[(name, "survival (after/before count)"), cond] == pytest.approx(value, abs=1e-12)
+        for stage, label in (("pre_nms", "before NMS"), ("post_nms", "after NMS"), ("raw", "raw (all anchors' boxes)")):
+            rows = totals[totals["stage"] == label].set_index("condition")[name]
+            assert rows.to_dict() == m["counts"][stage]
+        # Table 1 per detector: the 'all' column is the summed count of metrics.json
+        table1 = pd.read_csv(tables / f"table1_{name}.csv")
+        post = table1[table1["stage"] == "post_nms"].set_index("condition")["all"]
+        assert {k: post[k] for k in m["counts"]["post_nms"]} == m["counts"]["post_nms"]
+        assert list(table1.columns[2:4]) == ["1", "2"]  # the first two images, then 'all'
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+
+def decoded_images(html: str) -> list[Image.Image]:
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    images = []
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True)))
+        image.load()
+        assert image.format == "PNG" and image.width > 200 and image.height > 100
+        images.append(image)
+    return images
+
+
+def test_page_has_every_section_and_decodable_figures(pair_report):
+    html = (pair_report / "index.html").read_text()
+    for section in SECTION_IDS:
+        assert f'id="{section}"' in html, section
+    images = decoded_images(html)
+    pngs = sorted((pair_report / "figures").glob("*.png"))
+    assert len(images) == len(pngs) >= 8
+    assert {p.stem for p in pngs} >= {"figure1_cls_score_images", "figure1_cls_score_density", "figure1_obj_score_density",
+                                       "figure1_score_density", "figure2_proportions", "figure2_per_image", "correlation"}
+    # every figure and table has its two-line explanation
+    assert html.count("<figcaption>") == len(images)
+    assert html.count('<p class="explain">') >= 2 * (len(images) + html.count("<table"))
+    # self-contained: no script, no stylesheet or image fetched from anywhere
+    assert "<script" not in html and not re.search(r'(src|href)="(https?:)?//', html)
+    # the divergence is documented as our definition, with its parameters
+    assert "our definition" in html and "(1 − spearman_per_gt) / 2" in html
+    assert "B = 30 resamples, seed 3" in html and "at least 3" in html
+    # both detectors, their colours, and the comparison
+    assert html.count("retinanet") >= 1 and "base" in html and "conf" in html
+    assert "Headline differences" in html and "95% CI of delta" in html
+    assert "base: no object-confidence branch" in html
+
+
+def test_without_flag_the_before_after_section_is_left_out_and_said_so(ledgers, tmp_path):
+    out = tmp_path / "r"
+    result = run("report", ledgers["conf"], "--out", out, *REPORT_ARGS)
+    assert result.exit_code == 0, result.output
+    html = (out / "index.html").read_text()
+    assert "misalign report --before-after-nms" in html and 'id="figure1"' not in html
+    assert not list((out / "figures").glob("figure1_*"))
+    assert "Headline differences" not in html  # one detector: nothing to compare
+    decoded_images(html)
+
+
+def test_no_obj_and_post_nms_only_dumps_degrade_gracefully(ledgers, tmp_path):
+    out = tmp_path / "r"
+    result = run("report", "--before-after-nms", ledgers["base"], ledgers["imported"], "--out", out, *REPORT_ARGS)
+    assert result.exit_code == 0, (result.output, result.exception)
+    html = (out / "index.html").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())["detectors"]
+    # no dump has obj_score: no obj panels, and the page says why
+    assert "No dump has an object-confidence branch" in html
+    assert not list((out / "figures").glob("figure1_obj_score*"))
+    assert "score equals cls_score in every dump" in html
+    # the imported dump: post-NMS only, its missing sections are named
+    assert metrics["imported"]["counts"]["pre_nms"] == {} and metrics["imported"]["survival"] == {}
+    assert "imported: post-NMS only" in html and "no before-NMS panels" in html
+    assert "imported: post-NMS only — correlations are over its kept boxes" in html
+    assert "imported: no raw_counts" in html
+    table1 = pd.read_csv(out / "tables" / "table1_imported.csv")
+    assert set(table1["stage"]) == {"post_nms"}
+    decoded_images(html)
+
+
+def test_ten_detectors_share_one_palette_and_stay_in_rows():
+    from reports.figures import detector_palette
+    from reports.html import coco_frame
+
+    names = [f"det{i}" for i in range(10)]
+    palette = detector_palette(names)
+    assert list(palette) == names and len(set(palette.values())) == 10
+    assert detector_palette(names[:3]) == {n: palette[n] for n in names[:3]}  # same colour in every report
+    metrics = {"detectors": {n: {"ap": {"AP": i / 10}} for i, n in enumerate(names)}}
+    frame = coco_frame(metrics, names)
+    assert list(frame["detector"]) == names and frame.shape[0] == 10  # detectors are rows
+
+
+def test_density_figure_bins_instead_of_drawing_points():
+    from matplotlib.collections import PathCollection, QuadMesh
+
+    from misalign.counts import score_iou_histogram
+    from reports.figures import figure_score_iou_density
+
+    rng = np.random.default_rng(0)
+    n = 200_000
+    cands = pd.DataFrame({"iou": rng.random(n, dtype=np.float32), "cls_score": rng.random(n, dtype=np.float32),
+                          "kept": rng.random(n) < 0.1})
+    hists = {"a": {"pre_nms": score_iou_histogram(cands, "cls_score")[0],
+                   "post_nms": score_iou_histogram(cands, "cls_score", kept_only=True)[0]},
+             "b": {"pre_nms": None, "post_nms": score_iou_histogram(cands, "cls_score", kept_only=True)[0]}}
+    fig = figure_score_iou_density(hists, np.linspace(0, 1, 51), "cls_score", {"a": "#0072b2", "b": "#e69f00"})
+    axes = [ax for ax in fig.axes if ax.get_xlabel() == "IoU with ground truth"]
+    assert len(axes) == 4
+    meshes = [c for ax in axes for c in ax.collections if isinstance(c, QuadMesh)]
+    assert len(meshes) == 3  # b has no pre-NMS stage: an empty panel that says so
+    assert not any(isinstance(c, PathCollection) for ax in axes for c in ax.collections)
+    assert meshes[0].get_array().sum() == n
+    for ax in axes:  # the 0.5 lines on both axes
+        xs = {tuple(line.get_xdata()) for line in ax.lines}
+        ys = {tuple(line.get_ydata()) for line in ax.lines}
+        assert (0.5, 0.5) in xs and (0.5, 0.5) in ys
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+# --- bad input and atomic replacement --------------------------------------------------------------
+
+
+def test_existing_report_survives_a_failing_run_and_is_replaced_by_a_good_one(ledgers, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    not_a_ledger = tmp_path / "empty"
+    not_a_ledger.mkdir()
+    assert_one_line_error(run("report", not_a_ledger, "--out", out), "not a ledger")
+    assert (out / "keep.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial folder left
+    result = run("report", ledgers["conf"], "--out", out, "--images", "1", "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    assert not (out / "keep.txt").exists() and (out / "index.html").exists()
+
+
+def _copy(ledger: Path, dest: Path) -> Path:
+    shutil.copytree(ledger, dest)
+    return dest
+
+
+def test_ledger_missing_a_column_is_one_line(ledgers, tmp_path):
+    bad = _copy(ledgers["conf"], tmp_path / "bad")
+    frame = pd.read_parquet(bad / "candidates.parquet").drop(columns=["iou"])
+    frame.to_parquet(bad / "candidates.parquet")
+    assert_one_line_error(run("report", bad, "--out", tmp_path / "r"), "candidates.parquet", "missing column", "iou")
+
+
+def test_ledger_with_a_wrong_dtype_is_one_line(ledgers, tmp_path):
+    bad = _copy(ledgers["conf"], tmp_path / "bad")
+    frame = pd.read_parquet(bad / "candidates.parquet")
+    frame["score"] = frame["score"].astype(np.float64)
+    frame.to_parquet(bad / "candidates.parquet")
+    assert_one_line_error(run("report", bad, "--out", tmp_path / "r"), "candidates.parquet", "score", "double")
+
+
+def test_ground_truth_not_matching_the_ledger_is_one_line(ledgers, tmp_path):
+    gt = json.loads(ledgers["gt"].read_text())
+    for image in gt["images"]:
+        image["id"] += 1000
+    for ann in gt["annotations"]:
+        ann["image_id"] += 1000
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(gt))
+    assert_one_line_error(run("report", ledgers["conf"], "--gt", other, "--out", tmp_path / "r"),
+                          "other.json", "does not match")
+    assert not (tmp_path / "r").exists()
+
+
+def test_dumps_of_different_splits_are_refused(ledgers, tmp_path):
+    other = _copy(ledgers["conf"], tmp_path / "other")
+    meta = json.loads((other / "meta.json").read_text())
+    meta["dataset"]["split"] = "train2017"
+    (other / "meta.json").write_text(json.dumps(meta))
+    assert_one_line_error(run("report", ledgers["base"], other, "--out", tmp_path / "r"),
+                          "train2017", "different datasets or splits")
+
+
+def test_dumps_of_different_images_are_refused(ledgers, tmp_path):
+    small = tmp_path / "small"
+    gt = synthetic_ledger(small, seed=9, gt_path=tmp_path / "gt_small.json", **{**SIZES, "num_images": 4})
+    assert_one_line_error(run("report", ledgers["base"], small, "--gt", gt, "--out", tmp_path / "r"),
+                          "differ", "cannot be compared")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--names", "only-one"], ("--names", "1 name(s) for 2 dump(s)")),
+    (["--names", "same,same"], ("--names", "'same' appears twice")),
+    (["--gt", "/nonexistent/gt.json"], ("--gt", "not found")),
+    (["--min-iou", "1.5"], ("--min-iou",)),
+    (["--images", "0"], ("--images",)),
+])
+def test_bad_options_are_one_line(ledgers, tmp_path, args, fragments):
+    result = run("report", ledgers["base"], ledgers["conf"], "--out", tmp_path / "r", *args)
+    assert_one_line_error(result, *fragments)
+
+
+def test_missing_ground_truth_file_named_in_meta_is_one_line(ledgers, tmp_path):
+    moved = _copy(ledgers["conf"], tmp_path / "moved")
+    meta = json.loads((moved / "meta.json").read_text())
+    meta["dataset"]["ann"] = str(tmp_path / "gone.json")
+    (moved / "meta.json").write_text(json.dumps(meta))
+    assert_one_line_error(run("report", moved, "--out", tmp_path / "r"), "gone.json", "--gt")
+
+
+# --- the synthetic ledger --------------------------------------------------------------------------
+
+
+def test_synthetic_ledger_is_valid_and_its_truth_columns_are_consistent(ledgers):
+    from misalign.boxes import xywh_to_xyxy
+    from misalign.ledger import read_ledger, validate_ledger
+    from misalign.truth import match_truth
+
+    validate_ledger(ledgers["conf"])
+    ledger = read_ledger(ledgers["conf"])
+    cands = ledger.candidates
+    gt = json.loads(ledgers["gt"].read_text())
+    ann = pd.DataFrame(gt["annotations"])
+    for image_id, rows in cands.groupby("image_id"):
+        g = ann[ann["image_id"] == image_id]
+        iou, gt_id, iou_any = match_truth(rows[["x1", "y1", "x2", "y2"]].to_numpy(), rows["category_id"].to_numpy(),
+                                          xywh_to_xyxy(np.array(g["bbox"].tolist())), g["category_id"].to_numpy(),
+                                          g["id"].to_numpy(), g["iscrowd"].to_numpy())
+        np.testing.assert_allclose(rows["iou"], iou, atol=1e-6)
+        np.testing.assert_array_equal(rows["gt_id"], gt_id)
+        np.testing.assert_allclose(rows["iou_any"], iou_any, atol=1e-6)
+    per_image = cands.groupby("image_id")
+    assert (per_image.size() == SIZES["cands_per_image"]).all()
+    assert (per_image["kept"].sum() <= SIZES["kept_per_image"]).all()
+    assert cands["iou"].min() == 0 and cands["iou"].max() > 0.9  # IoU spans 0..1
+    pool = cands[cands["iou"] >= 0.5]
+    rho_cls = stats.spearmanr(pool["cls_score"], pool["iou"]).statistic
+    rho_obj = stats.spearmanr(pool["obj_score"], pool["iou"]).statistic
+    assert 0 < rho_cls < 0.5 < rho_obj  # cls follows IoU only weakly; obj closely
+    kept = cands[cands["kept"]]
+    assert json.loads((ledgers["conf"] / "detections.json").read_text()).__len__() == len(kept)
+    assert ledger.meta["dataset"]["ann"] == str(ledgers["gt"].resolve()) and ledger.meta["pre_nms"] is True
+
+
+def test_synthetic_ledger_is_deterministic(tmp_path):
+    kwargs = dict(num_images=3, cands_per_image=50, num_categories=3, gt_per_image=2, kept_per_image=5, seed=4)
+    synthetic_ledger(tmp_path / "a", gt_path=tmp_path / "gt.json", **kwargs)
+    synthetic_ledger(tmp_path / "b", gt_path=tmp_path / "gt.json", **kwargs)
+    a = pd.read_parquet(tmp_path / "a" / "candidates.parquet")
+    b = pd.read_parquet(tmp_path / "b" / "candidates.parquet")
+    pd.testing.assert_frame_equal(a, b)
