@@ -138,6 +138,7 @@ def train_command(model, data, split, ann, images, val_split, out, backbone, pre
     batch 8) learns the shapes dataset in minutes; otherwise the paper's (resnet50, 1000×600,
     12 epochs, batch 16, lr 0.01). Several GPUs: torchrun --nproc_per_node N --no-python misalign train ...
     """
+    import os
     from pathlib import Path
 
     from detector.train import TrainConfig, train
@@ -153,7 +154,8 @@ def train_command(model, data, split, ann, images, val_split, out, backbone, pre
         device=device, amp=amp, seed=seed, resume=resume, model_options=_parse_model_options(model_options),
     )
     run_dir = train(config)
-    click.echo(str(run_dir))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        click.echo(str(run_dir))
 
 
 # --- dump / import ----------------------------------------------------------------------------

@@ -605,19 +605,51 @@ def evaluate(model, dataset, ann_path=None, *, batch_size: int = 8, device="cpu"
 # --- the loop -------------------------------------------------------------------------------------------
 
 
-def _checkpoint_state(model, optimizer, scaler, config: TrainConfig, category_ids, *, epoch: int, step: int,
-                      schedule: dict, rng_states: list[dict]) -> dict:
-    model = _unwrap(model)
+def make_schedule(config: TrainConfig, num_iters_per_epoch: int) -> dict:
+    """The lr schedule of a run as plain values (stored in the checkpoint as its `scheduler`)."""
+    total_iters = config.epochs * num_iters_per_epoch
     return {
-        "model": model.state_dict(),
-        "config": {**model.config, "category_ids": list(category_ids), "training": dataclasses.asdict(config)},
-        "epoch": epoch,
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": schedule,
-        "scaler": scaler.state_dict(),
-        "rng": rng_states,
+        "base_lr": config.lr,
+        "warmup_iters": effective_warmup(config.warmup_iters, total_iters),
+        "warmup_ratio": config.warmup_ratio,
+        "milestones": lr_milestones(config.epochs, num_iters_per_epoch),
     }
+
+
+@dataclass
+class _Run:
+    """What one training run holds between steps."""
+
+    config: TrainConfig  # resolved: no option left None
+    ctx: DistContext
+    dataset: object  # detector.data.CocoDetection of the training split
+    model: torch.nn.Module  # DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: dict  # make_schedule
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, **self.schedule)
+
+    def checkpoint_state(self, rng_states: list[dict]) -> dict:
+        model = _unwrap(self.model)
+        return {
+            "model": model.state_dict(),
+            "config": {**model.config, "category_ids": list(self.dataset.category_ids),
+                       "training": dataclasses.asdict(self.config)},
+            "epoch": self.epoch,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {**self.schedule, "last_lr": self.lr(self.step)},
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states,
+        }
 
 
 def _format_terms(terms: dict[str, float], lr: float) -> dict[str, str]:
@@ -637,121 +669,134 @@ def train(config: TrainConfig) -> Path:
     device = resolve_device(config.device)
     ctx = setup_distributed(device)
     try:
-        return _train(config, ctx)
+        run = _start_run(config, ctx)
+        _train_epochs(run)
+        _evaluate_run(run)
+        return run.run_dir
     finally:
         teardown_distributed(ctx)
 
 
-def _train(config: TrainConfig, ctx: DistContext) -> Path:
-    from tqdm import tqdm
-
-    checkpoint = load_checkpoint(config.resume) if config.resume else None
+def _resolve_run_config(config: TrainConfig, ctx: DistContext, checkpoint: dict | None) -> TrainConfig:
+    """Options of this run: the given ones, then the resumed run's, then the recipe's."""
     previous = checkpoint["config"].get("training") if checkpoint is not None else None
     if checkpoint is not None:
         check_resume_options(config, checkpoint, config.resume)
-    if checkpoint is not None and config.data is None and config.ann is None and previous is not None:
-        config = dataclasses.replace(config, data=previous.get("data"), ann=previous.get("ann"),
-                                     images=previous.get("images"), split=previous.get("split", config.split))
+        if config.data is None and config.ann is None and previous is not None:
+            config = dataclasses.replace(config, data=previous.get("data"), ann=previous.get("ann"),
+                                         images=previous.get("images"), split=previous.get("split", config.split))
     config = resolve_defaults(config, ctx.device, previous)
     if config.batch_size % ctx.world_size:
         raise InputError(f"--batch-size: {config.batch_size} images do not split over {ctx.world_size} processes")
     if ctx.is_main:
-        logger.info("recipe: %s (%s, %d px max %d, %d epochs, batch %d, lr %g)", config.recipe,
-                    config.backbone, config.img_size, config.max_size, config.epochs, config.batch_size, config.lr)
-    run_dir = Path(config.out)
+        logger.info("recipe: %s (%s, %d px max %d, %d epochs, batch %d, lr %g)", config.recipe, config.backbone,
+                    config.img_size, config.max_size, config.epochs, config.batch_size, config.lr)
+    return config
 
-    category_ids = list(checkpoint["config"]["category_ids"]) if checkpoint is not None else None
+
+def _restore_rng(checkpoint: dict, ctx: DistContext) -> None:
+    rng_states = checkpoint.get("rng") or []
+    if len(rng_states) == ctx.world_size:
+        restore_rng_state(rng_states[ctx.rank])
+    elif rng_states:
+        logger.warning("checkpoint has RNG states of %d processes, this run has %d: data augmentation "
+                       "will differ from the uninterrupted run", len(rng_states), ctx.world_size)
+        restore_rng_state(rng_states[0])
+
+
+def _wrap_distributed(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    if not ctx.distributed:
+        return model
+    if ctx.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # trainable BN sees the whole batch
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def _start_run(config: TrainConfig, ctx: DistContext) -> _Run:
+    """Options, data, model, optimizer and schedule of a new run, or of a resumed one at its checkpoint."""
+    checkpoint = load_checkpoint(config.resume) if config.resume else None
+    config = _resolve_run_config(config, ctx, checkpoint)
+    category_ids = None
     if checkpoint is not None:
         check_resume_classes(checkpoint, config.resume, dataset_category_ids(config))
+        category_ids = list(checkpoint["config"]["category_ids"])
     dataset, _ = load_train_dataset(config, category_ids)
-    category_ids = list(dataset.category_ids)
 
     seed_everything(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_training_model(config, len(category_ids), checkpoint).to(ctx.device).train()
+    model = build_training_model(config, len(dataset.category_ids), checkpoint).to(ctx.device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp == "fp16")
-    num_iters = iters_per_epoch(len(dataset), config.batch_size, ctx.world_size)
-    total_iters = config.epochs * num_iters
-    schedule = {
-        "name": "linear warm-up, then x0.1 steps",
-        "base_lr": config.lr,
-        "warmup_iters": effective_warmup(config.warmup_iters, total_iters),
-        "warmup_ratio": config.warmup_ratio,
-        "milestones": lr_milestones(config.epochs, num_iters),
-    }
-    lr_of = lambda step: lr_at(step, **{k: v for k, v in schedule.items() if k != "name"})  # noqa: E731
-
-    start_epoch, step = 0, 0
+    schedule = make_schedule(config, iters_per_epoch(len(dataset), config.batch_size, ctx.world_size))
+    run = _Run(config, ctx, dataset, model, optimizer, scaler, schedule)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        rng_states = checkpoint.get("rng") or []
-        if len(rng_states) == ctx.world_size:
-            restore_rng_state(rng_states[ctx.rank])
-        elif rng_states:
-            logger.warning("checkpoint has RNG states of %d processes, this run has %d: data augmentation "
-                           "will differ from the uninterrupted run", len(rng_states), ctx.world_size)
-            restore_rng_state(rng_states[0])
+        run.epoch, run.step = int(checkpoint["epoch"]), int(checkpoint["step"])
+        _restore_rng(checkpoint, ctx)
         if ctx.is_main:
-            logger.info("resuming %s after epoch %d (step %d)", config.resume, start_epoch, step)
+            logger.info("resuming %s after epoch %d (step %d)", config.resume, run.epoch, run.step)
     elif ctx.rank > 0:
         seed_everything(config.seed + ctx.rank)  # different augmentation draws per rank
+    run.model = _wrap_distributed(model, ctx)
+    return run
 
-    if ctx.distributed:
-        if ctx.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    log = StepLog(run_dir / "log.csv", resume_step=step if checkpoint is not None else None) if ctx.is_main else None
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+def _train_epochs(run: _Run) -> None:
+    """Epochs from run.epoch to the last; log.csv per step, checkpoint.pt per epoch (rank 0)."""
+    log = None
+    if run.ctx.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        log = StepLog(run.run_dir / "log.csv", resume_step=run.step if run.config.resume else None)
     try:
-        for epoch in range(start_epoch, config.epochs):
-            loader = make_train_loader(dataset, config, ctx, epoch)
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not ctx.is_main,
-                       dynamic_ncols=True)
-            tick = time.perf_counter()
-            for images, targets in bar:
-                lr = lr_of(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images, targets = _to_device(images, targets, ctx.device)
-                terms = train_step(model, optimizer, scaler, images, targets, config, ctx, step=step + 1,
-                                   epoch=epoch + 1)
-                step += 1
-                now = time.perf_counter()
-                images_per_s = len(images) * ctx.world_size / max(now - tick, 1e-9)
-                tick = now
-                if ctx.is_main:
-                    bar.set_postfix(_format_terms(terms, lr), refresh=False)
-                    log.write(step=step, epoch=epoch + 1, terms=terms, lr=lr, images_per_s=images_per_s)
-            rng_states = _all_gather_objects(ctx, capture_rng_state())
-            if ctx.is_main:
-                state = _checkpoint_state(model, optimizer, scaler, config, category_ids, epoch=epoch + 1, step=step,
-                                          schedule={**schedule, "last_lr": lr_of(step)}, rng_states=rng_states)
-                save_checkpoint(run_dir / "checkpoint.pt", state)
-            _barrier(ctx)
+        while run.epoch < run.config.epochs:
+            _train_one_epoch(run, log)
+            run.epoch += 1
+            rng_states = _all_gather_objects(run.ctx, capture_rng_state())
+            if run.ctx.is_main:
+                save_checkpoint(run.run_dir / "checkpoint.pt", run.checkpoint_state(rng_states))
+            _barrier(run.ctx)
     finally:
         if log is not None:
             log.close()
 
-    _evaluate_run(model, config, ctx, category_ids, run_dir)
-    return run_dir
+
+def _train_one_epoch(run: _Run, log: StepLog | None) -> None:
+    from tqdm import tqdm
+
+    config, ctx = run.config, run.ctx
+    loader = make_train_loader(run.dataset, config, ctx, run.epoch)
+    bar = tqdm(loader, desc=f"epoch {run.epoch + 1}/{config.epochs}", unit="batch", disable=not ctx.is_main,
+               dynamic_ncols=True)
+    tick = time.perf_counter()
+    for images, targets in bar:
+        lr = run.lr(run.step)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        images, targets = _to_device(images, targets, ctx.device)
+        terms = train_step(run.model, run.optimizer, run.scaler, images, targets, config, ctx, step=run.step + 1,
+                           epoch=run.epoch + 1)
+        run.step += 1
+        now = time.perf_counter()
+        images_per_s = len(images) * ctx.world_size / max(now - tick, 1e-9)
+        tick = now
+        if log is not None:
+            bar.set_postfix(_format_terms(terms, lr), refresh=False)
+            log.write(step=run.step, epoch=run.epoch + 1, terms=terms, lr=lr, images_per_s=images_per_s)
 
 
-def _evaluate_run(model, config: TrainConfig, ctx: DistContext, category_ids, run_dir: Path) -> None:
+def _evaluate_run(run: _Run) -> None:
     """eval.json on the val split (skipped with a log line when there is none)."""
-    val_dataset, val_ann = load_val_dataset(config, category_ids)
+    config, ctx = run.config, run.ctx
+    val_dataset, val_ann = load_val_dataset(config, run.dataset.category_ids)
     if val_dataset is None:
         if ctx.is_main:
             logger.warning("no evaluation (%s): eval.json not written", val_ann)
         return
-    stats = evaluate(_unwrap(model), val_dataset, val_ann, batch_size=config.eval_batch_size, device=ctx.device,
+    stats = evaluate(_unwrap(run.model), val_dataset, val_ann, batch_size=config.eval_batch_size, device=ctx.device,
                      amp=config.amp, workers=config.workers, progress=ctx.is_main)
     if ctx.is_main:
-        write_json_atomic(run_dir / "eval.json", stats)
+        write_json_atomic(run.run_dir / "eval.json", stats)
         logger.info("val %s: AP %.3f AP50 %.3f AP75 %.3f", val_ann, stats["AP"], stats["AP50"], stats["AP75"])
     _barrier(ctx)

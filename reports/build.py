@@ -503,6 +503,8 @@ def build_context(views, metrics, config, gt_path) -> dict:
     palette = F.detector_palette(names)
     shown_ids = views[0].shown_ids.tolist()
     global_notes, correlation_notes = [], []
+    if config.bootstrap == 0:
+        global_notes.append("--bootstrap 0: no bootstrap resamples, so no confidence intervals (shown as –).")
     post_only = [v.name for v in views if not v.pre_nms]
     if post_only:
         correlation_notes.append(f"{', '.join(post_only)}: post-NMS only — correlations are over its kept boxes (the only "
@@ -584,7 +586,6 @@ def write_report(dumps, out, **options) -> Path:
     figures, tables = _collect(context)
     out = Path(out)
     with atomic_dir(out) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared
         (tmp / "figures").mkdir()
         (tmp / "tables").mkdir()
         for fig in figures:

@@ -195,7 +195,7 @@ def figure_score_iou_density(histograms: dict, edges: np.ndarray, score_col: str
     after NMS, colour map in the detector's colour.
     """
     names = list(histograms)
-    fig, panels = _grid(len(names), 2, width=2.9, gap_w=0.95, right=0.75)
+    fig, panels = _grid(len(names), 2, width=2.9, gap_w=1.0, right=1.0)
     for p, name in enumerate(names):
         for ax, stage in zip(panels[p], ("pre_nms", "post_nms")):
             counts = histograms[name].get(stage)

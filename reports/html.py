@@ -119,26 +119,6 @@ def _get(d: dict, *keys, default=None):
     return d
 
 
-def summary_frame(metrics: dict, names: list[str], rank_column: dict[str, str]) -> pd.DataFrame:
-    """One row per detector: AP, AP50, AP75, ρ(ranking score, IoU) with CI, divergence, survival."""
-    rows = []
-    for name in names:
-        m = metrics["detectors"][name]
-        col = rank_column[name]
-        corr = _get(m, "correlation", col, default={}) or {}
-        lo, hi = (_get(corr, "ci95", "spearman") or [None, None])
-        rows.append({
-            "detector": name,
-            "AP": _get(m, "ap", "AP"), "AP50": _get(m, "ap", "AP50"), "AP75": _get(m, "ap", "AP75"),
-            "ranking score": col,
-            "spearman": corr.get("spearman"), "spearman_ci_lo": lo, "spearman_ci_hi": hi,
-            "divergence": corr.get("divergence"),
-            "survival iou>0.5": _get(m, "survival", "iou>0.5"),
-            "survival cls>0.5": _get(m, "survival", "cls>0.5"),
-        })
-    return pd.DataFrame(rows)
-
-
 def coco_frame(metrics: dict, names: list[str]) -> pd.DataFrame:
     from misalign.cocoeval import STAT_KEYS
 
@@ -183,21 +163,6 @@ def counts_total_frame(metrics: dict, names: list[str]) -> pd.DataFrame:
                 continue
             rows.append({"stage": label, "condition": cond, **values})
     return pd.DataFrame(rows, columns=["stage", "condition", *names])
-
-
-def flatten_metrics(metrics: dict) -> dict[str, float]:
-    """metrics.json as {"detector/path/to/leaf": value} (for tests and CSV cross-checks)."""
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}/{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = node
-
-    walk("", metrics)
-    return flat
 
 
 # ---------------------------------------------------------------------------------------------

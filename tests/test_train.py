@@ -312,6 +312,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes_dataset, tmp_path,
 # --- evaluation ---------------------------------------------------------------------------------------------
 
 
+def test_no_val_split_skips_evaluation_with_a_note(shapes_dataset, tmp_path, caplog):
+    data = tmp_path / "train_only"
+    shutil.copytree(shapes_dataset, data, ignore=shutil.ignore_patterns("val", "instances_val.json"))
+    run = train(tiny_config(data, tmp_path / "run"))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "log.csv"]
+    assert "instances_val.json does not exist" in caplog.text and "eval.json not written" in caplog.text
+
+
 class _Oracle(torch.nn.Module):
     """Eval-mode stand-in that returns each image's ground truth (resized pixels), in loader order."""
 
