@@ -180,7 +180,11 @@ def train_command(model, data, split, ann, images, val_split, out, backbone, pre
 @click.option("--limit", type=int, help="Dump only the first N images (by id).")
 @click.option("--raw-images", default=0, show_default=True, help="Also write raw.parquet with every anchor of the first N images.")
 def dump_(**options) -> None:
-    """Record every candidate box before and after NMS, with its true IoU (the ledger)."""
+    """Record every candidate before and after NMS (the ledger).
+
+    Writes candidates.parquet, images.parquet, raw_counts.parquet, meta.json and
+    detections.json (see docs/ledger.md), every candidate with its true IoU.
+    """
     from detector.dump import DumpConfig, dump
 
     click.echo(dump(DumpConfig(**options)))
@@ -197,7 +201,10 @@ def dump_(**options) -> None:
 @click.option("--max-det", default=100, show_default=True, type=int,
               help="Detections kept per image after NMS (tables without a `kept` column).")
 def import_(gt, predictions, out, name, nms_thresh, max_det) -> None:
-    """Build a ledger from another detector's predictions (COCO results JSON, Parquet or CSV)."""
+    """Build a ledger from another detector's predictions.
+
+    Reads COCO results JSON (kept boxes only) or a Parquet/CSV table of candidates.
+    """
     from misalign.importer import import_predictions
 
     click.echo(import_predictions(gt, predictions, out, name=name, nms_thresh=nms_thresh, max_det=max_det))
@@ -216,7 +223,10 @@ def import_(gt, predictions, out, name, nms_thresh, max_det) -> None:
 @click.option("--bootstrap", default=200, show_default=True, type=int, help="Bootstrap resamples of images for the 95% CIs.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
 def report(dumps, out, before_after_nms, names, gt, min_iou, num_images, bootstrap, seed) -> None:
-    """Write an HTML report (with metrics.json) comparing the ledgers of one or more dumps."""
+    """Compare ledgers in one HTML report with metrics.json.
+
+    Writes DIR/index.html (self-contained), metrics.json, tables/*.csv and figures/*.png.
+    """
     from reports import write_report
 
     index = write_report(list(dumps), out, names=names, gt=gt, before_after_nms=before_after_nms, min_iou=min_iou,
@@ -229,7 +239,11 @@ def report(dumps, out, before_after_nms, names, gt, min_iou, num_images, bootstr
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
 def demo(out, device, workers) -> None:
-    """Shapes dataset -> train RetinaNet and RetinaNet-Conf -> dump -> comparison report."""
+    """Train two detectors on shapes, dump, and compare them.
+
+    Shapes dataset -> train RetinaNet and RetinaNet-Conf -> dump both -> comparison report.
+    Re-running reuses every finished step.
+    """
     from detector.demo import run_demo
 
     index = run_demo(out, device=device, workers=workers)
