@@ -354,6 +354,7 @@ class Detector(nn.Module):
                 "bbox_deltas": outputs["bbox_deltas"][i],  # [A, 4]
                 "obj_logits": outputs["obj_logits"][i] if "obj_logits" in outputs else None,  # [A]
                 "anchors": anchors,  # [A, 4]
+                "num_anchors_per_level": num_anchors_per_level,
                 "size": (int(size[0]), int(size[1])),  # resized image (h, w)
                 "original": original,  # input image (h, w)
             }
@@ -385,7 +386,8 @@ class Detector(nn.Module):
         kept (bool), suppressed_by (candidate index of the suppressing survivor, -1 for survivors)}
         sorted by score descending, so the kept rows in order are the detections;
         `anchors` [A, 4], `raw_boxes` [A, 4] (decoded, clipped), `raw_cls` [A] (max class probability),
-        `raw_label` [A], `raw_obj` [A] (NaN without a branch). Boxes xyxy in input image pixels.
+        `raw_label` [A], `raw_obj` [A] (NaN without a branch), `raw_level` [A] (0 = P3).
+        Boxes xyxy in input image pixels.
         Call in eval mode.
         """
         if self.training:
@@ -407,6 +409,8 @@ class Detector(nn.Module):
             result["raw_boxes"] = resize_boxes(raw_boxes, size, original)
             result["raw_cls"] = raw_cls
             result["raw_label"] = raw_label
+            levels = torch.arange(len(raw["num_anchors_per_level"]), device=raw_cls.device)
+            result["raw_level"] = levels.repeat_interleave(torch.tensor(raw["num_anchors_per_level"], device=raw_cls.device))
             result["raw_obj"] = torch.full_like(raw_cls, math.nan) if obj is None else torch.sigmoid(obj.float())
             results.append(result)
         return results

@@ -147,6 +147,7 @@ def test_predict_with_candidates_is_the_eval_output_plus_the_ledger(name):
         idx = cand["anchor_idx"]
         torch.testing.assert_close(cand["boxes"], res["raw_boxes"][idx])
         assert bool((res["raw_cls"][idx] >= cand["cls_score"]).all())
+        assert torch.equal(res["raw_level"][idx], cand["level"])
         num_anchors = res["anchors"].shape[0]
         assert res["raw_boxes"].shape == (num_anchors, 4) and res["raw_cls"].shape == (num_anchors,)
         if name == "retinanet":
@@ -212,11 +213,13 @@ def test_model_from_config_never_downloads(monkeypatch):
 
     monkeypatch.setattr(torchvision.models, "get_model_weights", refuse)
     config = build_model("retinanet", 3, **TINY).config
-    config.update(pretrained=True, backbone_norm="frozen_bn", trainable_layers=3, backbone_weights="/nowhere/weights.pt")
-    model = model_from_config(config)
-    body = model.backbone.body
-    assert isinstance(body.bn1, FrozenBatchNorm2d)
-    assert not body.layer1[0].conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
+    config.update(backbone_norm="frozen_bn", trainable_layers=3)
+    # Recorded weight sources are not fetched again: the checkpoint's state dict has the weights.
+    for source in ({"pretrained": True}, {"backbone_weights": "/nowhere/weights.pt"}):
+        model = model_from_config({**config, **source})
+        body = model.backbone.body
+        assert isinstance(body.bn1, FrozenBatchNorm2d)
+        assert not body.layer1[0].conv1.weight.requires_grad and body.layer2[0].conv1.weight.requires_grad
 
 
 def test_pretrained_asks_torchvision_weights_api(monkeypatch):
