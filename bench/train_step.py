@@ -9,7 +9,10 @@ sizes, torchvision's `RetinaNet` with its default per-image loss loop and ours w
 loss. A step is forward + backward + SGD step. Repetitions are interleaved (A B, B A, ...) after
 warm-up, so that drifting machine load hits both alike; medians are reported. With `--device
 cuda` it also reports peak GPU memory per training step and steady-state inference images/s.
-Not a test: timings depend on the machine and on whatever else runs on it.
+A third comparison times the loss computation alone (assignment + losses + backward) on the same
+head outputs. Not a test: timings depend on the machine and on whatever else runs on it; when
+another torch job shares the cores, two-thread runs spin against each other (`--threads 1` is
+steadier there).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed steps per model (default 5 on CPU, 20 on GPU)")
     p.add_argument("--infer-reps", type=int, default=None, help="timed inference batches per model (GPU default 20; CPU default 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads); 1 is steadier when other jobs share the cores")
     return p.parse_args()
 
 
@@ -118,6 +123,47 @@ class Stepper:
         return time.perf_counter() - start
 
 
+def loss_steppers(steppers: dict[str, Stepper], images, targets) -> dict:
+    """Timers of the loss computation alone: matcher + losses + backward, on the same head outputs."""
+    from torchvision.ops import box_iou
+
+    from detector.losses import assign_anchors, detection_losses
+
+    ours, theirs = steppers["ours"].model, steppers["torchvision"].model
+    device = steppers["ours"].device
+    with torch.no_grad():
+        ours.train()
+        _, resized_targets, outputs, anchors, _ = ours._run_network(images, targets)
+    outputs = {k: v.detach().float() for k, v in outputs.items()}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run_ours() -> float:
+        leaves = {k: v.clone().requires_grad_(True) for k, v in outputs.items()}
+        sync()
+        start = time.perf_counter()
+        assignment = assign_anchors(anchors, resized_targets, ours.matcher)
+        losses = detection_losses(leaves, anchors, assignment, ours.box_coder, ours.loss_settings)
+        sum(losses.values()).backward()
+        sync()
+        return time.perf_counter() - start
+
+    def run_theirs() -> float:
+        leaves = {"cls_logits": outputs["cls_logits"].clone().requires_grad_(True),
+                  "bbox_regression": outputs["bbox_deltas"].clone().requires_grad_(True)}
+        sync()
+        start = time.perf_counter()
+        matched = [theirs.proposal_matcher(box_iou(t["boxes"], anchors)) for t in resized_targets]
+        losses = theirs.head.compute_loss(resized_targets, leaves, [anchors] * len(resized_targets), matched)
+        sum(losses.values()).backward()
+        sync()
+        return time.perf_counter() - start
+
+    return {"ours": run_ours, "torchvision": run_theirs}
+
+
 def interleaved(steppers: dict[str, Stepper], run, warmup: int, reps: int) -> dict[str, list]:
     """Warm each model up, then alternate the order every repetition; return the results per model."""
     names = list(steppers)
@@ -140,6 +186,8 @@ def main() -> None:
     infer_reps = args.infer_reps if args.infer_reps is not None else (20 if device.type == "cuda" else 0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     images, targets = make_batch(args.batch, width, height, device, args.seed)
     steppers = {name: Stepper(m, device, amp_dtype) for name, m in build_pair(width, height, device).items()}
@@ -163,8 +211,17 @@ def main() -> None:
             line += f"  process CPU time median {cpu_medians[name]:.3f} s"
         print(line)
     print(f"ratio ours / torchvision (train step, median wall time): {medians['ours'] / medians['torchvision']:.3f}")
+    # Each repetition runs the two back to back, so their ratio sees nearly the same machine load.
+    paired = statistics.median(a[0] / b[0] for a, b in zip(train["ours"], train["torchvision"]))
+    print(f"ratio ours / torchvision (train step, median of per-repetition ratios): {paired:.3f}")
     if device.type == "cpu":
         print(f"ratio ours / torchvision (train step, median CPU time): {cpu_medians['ours'] / cpu_medians['torchvision']:.3f}")
+
+    loss_times = interleaved(loss_steppers(steppers, images, targets), lambda f: f(), args.warmup, max(reps, 5))
+    loss_medians = {name: statistics.median(times) for name, times in loss_times.items()}
+    for name, m in loss_medians.items():
+        print(f"loss only   {name:12s} median {m:.3f} s  (assignment + losses, forward and backward, same head outputs)")
+    print(f"ratio ours / torchvision (loss only, median): {loss_medians['ours'] / loss_medians['torchvision']:.3f}")
 
     if infer_reps > 0:
         infer = interleaved(steppers, lambda s: s.infer(images), args.warmup, infer_reps)

@@ -141,11 +141,12 @@ def detection_losses(
     # Classification: one-hot targets on positives, ignored anchors (-2) left out.
     cls_targets = torch.zeros_like(cls_logits)
     cls_targets[a.pos_image, a.pos_anchor, a.pos_gt_labels] = 1.0
-    valid = (a.matched_idxs != det_utils.Matcher.BETWEEN_THRESHOLDS).unsqueeze(-1)  # [B, A, 1]
+    valid = a.matched_idxs != det_utils.Matcher.BETWEEN_THRESHOLDS  # [B, A]
     focal = sigmoid_focal_loss(
         cls_logits, cls_targets, alpha=settings.focal_alpha, gamma=settings.focal_gamma, reduction="none"
     )  # [B, A, C]
-    cls_sum = (focal * valid).sum(dim=(1, 2))  # [B]
+    # Sum over classes before masking: the mask then costs one pass over [B, A], not [B, A, C].
+    cls_sum = (focal.sum(dim=2) * valid).sum(dim=1)  # [B]
 
     # Box regression: L1 between predicted and target deltas of the positives.
     pos_anchors = anchors[a.pos_anchor]  # [P, 4]

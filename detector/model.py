@@ -29,8 +29,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.models.resnet import BasicBlock, ResNet
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops import clip_boxes_to_image
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from misalign.errors import InputError
@@ -106,9 +106,11 @@ def _check_range(cfg: ModelConfig) -> None:
         ("fpn_channels", cfg.fpn_channels >= 1, "must be >= 1"),
         ("num_head_convs", cfg.num_head_convs >= 0, "must be >= 0"),
         ("trainable_layers", 0 <= cfg.trainable_layers <= 5, "must be in 0..5"),
-        ("anchor_sizes", len(cfg.anchor_sizes) == 5 and all(s > 0 for s in cfg.anchor_sizes), "must be 5 positive sizes (P3..P7)"),
+        ("anchor_sizes", len(cfg.anchor_sizes) == 5 and min(cfg.anchor_sizes, default=0) > 0,
+         "must be 5 positive sizes (P3..P7)"),
         ("prior_prob", 0 < cfg.prior_prob < 1, "must be in (0, 1)"),
-        ("bg_iou_thresh", 0 <= cfg.bg_iou_thresh <= cfg.fg_iou_thresh <= 1, "need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1"),
+        ("bg_iou_thresh", 0 <= cfg.bg_iou_thresh <= cfg.fg_iou_thresh <= 1,
+         "need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1"),
         ("focal_alpha", 0 <= cfg.focal_alpha <= 1, "must be in [0, 1]"),
         ("focal_gamma", cfg.focal_gamma >= 0, "must be >= 0"),
         ("obj_loss_weight", cfg.obj_loss_weight >= 0, "must be >= 0"),
@@ -136,7 +138,8 @@ def _check_types(cfg: ModelConfig) -> None:
             "float": isinstance(value, (int, float)) and not isinstance(value, bool),
             "bool": isinstance(value, bool),
             "str": isinstance(value, str),
-            "list[int]": isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+            "list[int]": isinstance(value, (list, tuple))
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
         }[kind]
         if not ok:
             raise _option_error(f.name, f"must be of type {kind}, got {value!r}")
@@ -208,7 +211,11 @@ def _resnet_body(cfg: ModelConfig, download: bool) -> ResNet:
 
 
 def load_backbone_weights(body: ResNet, path: str | os.PathLike) -> None:
-    """Load a local ResNet state dict into `body` (its `fc.*` and a `backbone.body.`/`body.`/`module.` prefix may be there)."""
+    """Load a local ResNet state dict into `body`.
+
+    `fc.*` entries may be there (ignored), and one `module.`, `backbone.body.` or `body.` prefix.
+    InputError (naming the file) if it is missing, unreadable or does not fit.
+    """
     if not os.path.isfile(path):
         raise InputError(f"{path}: backbone weights file not found")
     try:
@@ -231,7 +238,8 @@ def load_backbone_weights(body: ResNet, path: str | os.PathLike) -> None:
     if missing or unexpected:
         keys = (missing or unexpected)[:3]
         what = "missing" if missing else "unexpected"
-        raise InputError(f"{path}: does not fit the backbone ({len(missing or unexpected)} {what} keys, e.g. {', '.join(keys)})")
+        count = len(missing or unexpected)
+        raise InputError(f"{path}: does not fit the backbone ({count} {what} keys, e.g. {', '.join(keys)})")
 
 
 def build_backbone(cfg: ModelConfig, download: bool = True) -> BackboneWithFPN:
@@ -321,12 +329,17 @@ class Detector(nn.Module):
         return PostprocessSettings(c.score_thresh, c.topk, c.nms_thresh, c.max_det, exponent, c.conf_skip_p7)
 
     def _run_network(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
-        """Normalise/resize/batch, backbone, heads, anchors. Returns (image_list, targets, outputs, anchors [A, 4], anchors per level)."""
+        """Normalise/resize/batch, backbone, heads, anchors.
+
+        Returns (image_list, resized targets, head outputs, anchors [A, 4], anchors per level).
+        """
         image_list, targets = self.transform(images, targets)
         features = list(self.backbone(image_list.tensors).values())
         head_outputs = self.head(features)
-        # Same anchors for every image of the batch; float32 even under autocast (fp16 pixel grids are coarse).
-        anchors = self.anchor_generator(image_list, features)[0].float()
+        # Same anchors for every image of the batch. AnchorGenerator takes its dtype from the
+        # features; hand it empty float32 stand-ins so that anchors stay exact under bf16/fp16 autocast.
+        grids = [torch.empty((0, 0, *f.shape[-2:]), device=f.device) for f in features]
+        anchors = self.anchor_generator(image_list, grids)[0]  # [A, 4]
         num_per_location = self.anchor_generator.num_anchors_per_location()[0]
         num_anchors_per_level = [f.shape[-2] * f.shape[-1] * num_per_location for f in features]
         return image_list, targets, head_outputs, anchors, num_anchors_per_level
@@ -409,8 +422,8 @@ class Detector(nn.Module):
             result["raw_boxes"] = resize_boxes(raw_boxes, size, original)
             result["raw_cls"] = raw_cls
             result["raw_label"] = raw_label
-            levels = torch.arange(len(raw["num_anchors_per_level"]), device=raw_cls.device)
-            result["raw_level"] = levels.repeat_interleave(torch.tensor(raw["num_anchors_per_level"], device=raw_cls.device))
+            per_level = torch.tensor(raw["num_anchors_per_level"], device=raw_cls.device)
+            result["raw_level"] = torch.arange(len(per_level), device=raw_cls.device).repeat_interleave(per_level)
             result["raw_obj"] = torch.full_like(raw_cls, math.nan) if obj is None else torch.sigmoid(obj.float())
             results.append(result)
         return results

@@ -59,7 +59,8 @@ def select_candidates(
     within a level.
     """
     num_classes = cls_logits.shape[1]
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("anchor_idx", "labels", "level", "score", "cls_score", "obj_score")}
+    keys = ("anchor_idx", "labels", "level", "score", "cls_score", "obj_score")
+    parts: dict[str, list[Tensor]] = {k: [] for k in keys}
     # One sigmoid over all anchors, so the probabilities equal the ledger's raw ones bit for bit.
     cls_prob_all = torch.sigmoid(cls_logits.float())  # [A, C]
     obj_prob_all = None if obj_logits is None else torch.sigmoid(obj_logits.float())  # [A]
@@ -80,7 +81,8 @@ def select_candidates(
         parts["level"].append(torch.full_like(labels, level))
         parts["score"].append(top_scores)
         parts["cls_score"].append(cls_prob[anchor_idx, labels])
-        parts["obj_score"].append(torch.full_like(top_scores, float("nan")) if obj_prob is None else obj_prob[anchor_idx])
+        no_obj = torch.full_like(top_scores, float("nan"))
+        parts["obj_score"].append(no_obj if obj_prob is None else obj_prob[anchor_idx])
         start += num_anchors
     return {k: torch.cat(v) for k, v in parts.items()}
 

@@ -747,6 +747,9 @@ def _train_epochs(run: _Run) -> None:
     """Epochs from run.epoch to the last; log.csv per step, checkpoint.pt per epoch (rank 0)."""
     log = None
     if run.ctx.is_main:
+        if not run.config.resume and (run.run_dir / "checkpoint.pt").exists():
+            logger.warning("%s holds an earlier run: starting a new one over it (--resume %s continues it instead)",
+                           run.run_dir, run.run_dir / "checkpoint.pt")
         run.run_dir.mkdir(parents=True, exist_ok=True)
         log = StepLog(run.run_dir / "log.csv", resume_step=run.step if run.config.resume else None)
     try:

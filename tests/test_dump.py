@@ -15,6 +15,7 @@ from detector.checkpoint import save_checkpoint
 from detector.data import CocoDetection
 from detector.dump import DumpConfig, dump
 from misalign.ledger import CANDIDATE_SCHEMA, IMAGE_SCHEMA, read_ledger, read_raw, validate_ledger
+from reference import slow_iou
 
 SIZE = 96
 
@@ -44,15 +45,6 @@ def dumped(shapes_dataset, tmp_path_factory):
 def _gt(shapes_dataset):
     coco = json.loads((shapes_dataset / "annotations/instances_val.json").read_text())
     return coco["images"], coco["annotations"]
-
-
-def _slow_iou(a, b) -> float:
-    """COCO IoU of two xyxy boxes, written out."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def test_ledger_satisfies_the_contract(dumped):
@@ -110,7 +102,7 @@ def test_truth_columns_match_a_slow_reference(dumped, shapes_dataset):
             if ann["image_id"] != row.image_id or ann.get("iscrowd", 0):
                 continue
             x, y, w, h = ann["bbox"]
-            iou = _slow_iou(box, (x, y, x + w, y + h))
+            iou = slow_iou(box, (x, y, x + w, y + h))
             best_any = max(best_any, iou)
             if ann["category_id"] == row.category_id and iou > best_same:
                 best_same, best_id = iou, ann["id"]
@@ -128,7 +120,7 @@ def test_suppressed_by_points_to_a_same_class_survivor_that_overlaps(dumped):
     assert (winners.suppressed_by.to_numpy() == -1).all()  # the suppressor survived NMS
     assert (winners.category_id.to_numpy() == losers.category_id.to_numpy()).all()
     assert (winners.score.to_numpy() >= losers.score.to_numpy()).all()
-    ious = [_slow_iou(a, b) for a, b in zip(losers[["x1", "y1", "x2", "y2"]].to_numpy(),
+    ious = [slow_iou(a, b) for a, b in zip(losers[["x1", "y1", "x2", "y2"]].to_numpy(),
                                            winners[["x1", "y1", "x2", "y2"]].to_numpy())]
     assert min(ious) > 0.5 - 1e-4
 
@@ -142,9 +134,9 @@ def test_anchor_counts_match_a_slow_reference(dumped, shapes_dataset):
     for image_id, rows in raw.groupby("image_id"):
         gt = [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3])
               for a in annotations if a["image_id"] == image_id and not a.get("iscrowd", 0)]
-        anchor_iou = np.array([max([_slow_iou(a, g) for g in gt], default=0.0)
+        anchor_iou = np.array([max([slow_iou(a, g) for g in gt], default=0.0)
                                for a in rows[["anchor_x1", "anchor_y1", "anchor_x2", "anchor_y2"]].to_numpy()])
-        raw_iou = np.array([max([_slow_iou(b, g) for g in gt], default=0.0)
+        raw_iou = np.array([max([slow_iou(b, g) for g in gt], default=0.0)
                             for b in rows[["x1", "y1", "x2", "y2"]].to_numpy()])
         image = ledger.images.set_index("image_id").loc[image_id]
         assert image.num_anchors == len(rows)

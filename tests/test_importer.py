@@ -17,14 +17,7 @@ from misalign.errors import InputError
 from misalign.importer import import_predictions
 from misalign.ledger import read_candidates, read_images, read_ledger, read_raw_counts, validate_ledger
 from misalign.metrics import compute_metrics
-
-
-def slow_iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from reference import slow_iou
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from torchvision.models.detection.retinanet import RetinaNetHead, _default_ancho
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detector import MODEL_NAMES, build_model, model_from_config
-from detector import model as model_module
 from misalign.errors import InputError
 
 TINY = dict(backbone="resnet18", img_size=128, max_size=192, fpn_channels=16)
@@ -328,3 +327,18 @@ def test_predict_with_candidates_requires_eval_mode():
     model = build_model("retinanet", 3, **TINY).train()
     with pytest.raises(RuntimeError, match="eval"):
         model.predict_with_candidates([torch.rand(3, 64, 64)])
+
+
+def test_autocast_keeps_anchors_exact_and_losses_float32():
+    torch.manual_seed(0)
+    model = build_model("retinanet-conf", 3, **TINY)
+    images, targets = _images_and_targets()
+    model.eval()
+    plain = model.predict_with_candidates(images[:1])[0]["anchors"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.predict_with_candidates(images[:1])[0]["anchors"]
+        model.train()
+        losses = model(images, targets)
+    # bf16 has 8 significant bits: anchors built in it would be off by pixels beyond 256 px.
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+    assert all(v.dtype == torch.float32 and bool(torch.isfinite(v)) for v in losses.values())

@@ -5,15 +5,7 @@ import pytest
 
 from misalign.truth import (CLS_THRESHOLDS, IOU_THRESHOLDS, count_positive_anchors, match_truth, max_iou_any,
                             raw_counts_rows, threshold_counts)
-
-
-def slow_iou(a, b):
-    """COCO IoU of two xyxy boxes, no +1."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from reference import slow_iou
 
 
 def slow_match(pred, pred_cat, gt, gt_cat, gt_ids, crowd):
