@@ -129,19 +129,31 @@ def find_suppressors(boxes: Tensor, scores: Tensor, labels: Tensor, survivors: T
     is_survivor = torch.zeros_like(labels, dtype=torch.bool)
     is_survivor[survivors] = True
     losers = torch.nonzero(~is_survivor).squeeze(1)
-    if losers.numel() == 0 or survivors.numel() == 0:
-        return suppressed_by
-    for block in losers.split(_SUPPRESSOR_BLOCK):
-        iou = box_iou(boxes[block], boxes[survivors])  # [L, S]
-        eligible = (labels[block, None] == labels[None, survivors]) & (scores[None, survivors] >= scores[block, None])
-        overlaps = eligible & (iou > nms_thresh)
-        found = overlaps.any(dim=1)
-        first = overlaps.to(torch.uint8).argmax(dim=1)  # first True = highest-scoring survivor
-        if not bool(found.all()):
-            # Only when NMS's IoU and box_iou round differently at exactly the threshold: fall back
-            # to the eligible survivor with the largest overlap.
-            log.debug("%d suppressed boxes matched by largest overlap", int((~found).sum()))
-            nearest = torch.where(eligible, iou, torch.full_like(iou, -1.0)).argmax(dim=1)
-            first = torch.where(found, first, nearest)
-        suppressed_by[block] = survivors[first]
+    # Only a survivor of the same class can suppress, so match class by class: the IoU matrices
+    # are [L_c, S_c] instead of [L, S], about num_classes times less work.
+    for label in torch.unique(labels[losers]):
+        class_losers = losers[labels[losers] == label]
+        class_survivors = survivors[labels[survivors] == label]
+        if class_survivors.numel() == 0:
+            continue
+        for block in class_losers.split(_SUPPRESSOR_BLOCK):
+            first = _first_suppressor(boxes[block], scores[block], boxes[class_survivors], scores[class_survivors], nms_thresh)
+            suppressed_by[block] = class_survivors[first]
     return suppressed_by
+
+
+def _first_suppressor(loser_boxes: Tensor, loser_scores: Tensor, survivor_boxes: Tensor, survivor_scores: Tensor,
+                      nms_thresh: float) -> Tensor:
+    """[L] index into the survivors (score-descending, one class) of each loser's suppressor."""
+    iou = box_iou(loser_boxes, survivor_boxes)  # [L, S]
+    eligible = survivor_scores[None, :] >= loser_scores[:, None]  # [L, S]
+    overlaps = eligible & (iou > nms_thresh)
+    first = overlaps.to(torch.uint8).argmax(dim=1)  # first True = highest-scoring survivor
+    found = overlaps.any(dim=1)
+    if not bool(found.all()):
+        # Only when NMS's IoU and box_iou round differently at exactly the threshold: fall back
+        # to the eligible survivor with the largest overlap.
+        log.debug("%d suppressed boxes matched by largest overlap", int((~found).sum()))
+        nearest = torch.where(eligible, iou, torch.full_like(iou, -1.0)).argmax(dim=1)
+        first = torch.where(found, first, nearest)
+    return first
