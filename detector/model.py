@@ -1,4 +1,4 @@
-"""The bundled detector: RetinaNet and its objectness-branch variants as one configurable module.
+"""The bundled detector: RetinaNet and the method variants (docs/methods.md) as one configurable module.
 
     from detector import build_model
     model = build_model("retinanet-conf", num_classes=80, backbone="resnet50", img_size=512, max_size=512)
@@ -8,7 +8,9 @@
 Built from torchvision's detection components (ResNet + FPN with P6/P7, AnchorGenerator, BoxCoder,
 Matcher, GeneralizedRCNNTransform); the heads (`detector.heads`), the batched losses
 (`detector.losses`) and the postprocess that also feeds the ledger (`detector.postprocess`) are ours.
-Variants differ only by options (`VARIANTS`); `Detector.config` rebuilds any of them.
+Variants differ only by options (`VARIANTS`): an objectness branch (retinanet-conf, iou-aware,
+harmonized), the classification loss (dr-loss, harmonized), the DC paper's switches (dc-loss,
+iac-assign, cl-nms, combinable on any model). `Detector.config` rebuilds any of them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,17 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from misalign.errors import InputError
 
 from .heads import HEAD_NORMS, RetinaHead
-from .losses import LOSS_NORMS, OBJ_LOSSES, LossSettings, assign_anchors, detection_losses
+from .losses import (
+    CLS_LOSSES,
+    DC_CENTER_NORMS,
+    DR_REDUCTIONS,
+    LOSS_NORMS,
+    OBJ_LOSSES,
+    IacSettings,
+    LossSettings,
+    assign_anchors,
+    detection_losses,
+)
 from .postprocess import PostprocessSettings, find_suppressors, postprocess_image
 
 log = logging.getLogger(__name__)
@@ -48,6 +60,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "retinanet-conf": {"obj_branch": "cls", "obj_exponent": 0.4},
     # IoU prediction on the regression tower; its paper's cls^α · IoU^(1−α), α = 0.5, is IoU^0.5 · cls^0.5.
     "iou-aware": {"obj_branch": "reg", "obj_exponent": 0.5},
+    # DR loss instead of focal loss; its public config: prior 0.5, fg = bg = 0.5 (no ignored anchors).
+    "dr-loss": {"obj_branch": "none", "cls_loss": "dr", "prior_prob": 0.5, "fg_iou_thresh": 0.5, "bg_iou_thresh": 0.5},
+    # Our reading of mutual labelling + IoU rescoring (docs/methods.md): soft IoU class targets, box loss
+    # weighted by the class probability, IoU branch on the regression tower. obj^0.5 · cls^0.5 ranks
+    # exactly as cls · IoU^β with β = 1 (obj_exponent = β / (1 + β)).
+    "harmonized": {"obj_branch": "reg", "obj_exponent": 0.5, "cls_loss": "quality_focal", "box_weight_by_cls": True},
+    # The DC paper's three components, one switch each (combine them with -o to re-run its Table 2).
+    "dc-loss": {"obj_branch": "none", "dc_loss": True},
+    "iac-assign": {"obj_branch": "none", "iac_assign": True},
+    "cl-nms": {"obj_branch": "none", "cl_nms": True},
 }
 MODEL_NAMES = tuple(VARIANTS)
 # resnet10 ([1, 1, 1, 1] basic blocks, no pretrained weights) is the CPU-friendly choice.
@@ -55,7 +77,20 @@ BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONE_NORMS = ("frozen_bn", "bn")
 IMAGE_MEAN = [0.485, 0.456, 0.406]  # ImageNet statistics, as torchvision's detectors normalise
 IMAGE_STD = [0.229, 0.224, 0.225]
-_BRANCH_OPTIONS = ("obj_exponent", "obj_loss", "obj_loss_weight", "detach_iou_target", "conf_skip_p7")
+_BRANCH_OPTIONS = ("obj_exponent", "obj_loss", "obj_loss_weight", "detach_iou_target", "conf_skip_p7",
+                   "obj_neg_weight", "obj_gfocal_gamma", "obj_smooth_l1_beta")
+# Options that mean something only when another option has a given value: (option, switch, value).
+_DEPENDENT_OPTIONS = (
+    ("obj_neg_weight", "obj_loss", "ce_w"),
+    ("obj_gfocal_gamma", "obj_loss", "gfocal"),
+    ("obj_smooth_l1_beta", "obj_loss", "smooth_l1"),
+    ("dr_reduction", "cls_loss", "dr"),
+    ("dc_center_norm", "dc_loss", True),
+    ("iac_alpha", "iac_assign", True),
+    ("iac_score_thresh", "iac_assign", True),
+    ("cl_nms_weight", "cl_nms", True),
+    ("cl_nms_temperature", "cl_nms", True),
+)
 
 
 @dataclass
@@ -83,13 +118,27 @@ class ModelConfig:
     loss_norm: str = "batch"  # "batch" (MMDetection) | "per_image" (torchvision)
     obj_branch: str = "none"  # set by the variant: "none" | "cls" | "reg"
     obj_exponent: float | None = None  # e in score = obj^e · cls^(1−e); variant default
-    obj_loss: str = "ce"  # objectness loss (OBJ_LOSSES)
+    obj_loss: str = "ce"  # objectness loss (OBJ_LOSSES): ce | ce_w | l1 | smooth_l1 | l2 | gfocal
     obj_loss_weight: float = 1.0
+    obj_neg_weight: float = 1e-4  # obj_loss ce_w: weight of the negative anchors' BCE (target 0)
+    obj_gfocal_gamma: float = 2.0  # obj_loss gfocal: γ in |y − p|^γ · BCE(p, y)
+    obj_smooth_l1_beta: float = 1.0  # obj_loss smooth_l1: quadratic below beta (MMDetection's default)
     detach_iou_target: bool = True  # no gradient through the IoU target (original code: False)
     conf_skip_p7: bool = False  # original RetinaNet-Conf code: P7 ranks by cls alone
+    cls_loss: str = "focal"  # classification loss (CLS_LOSSES): focal | dr | quality_focal
+    dr_reduction: str = "image"  # cls_loss dr: "image" (paper, mean of per-image losses) | "batch" (public code)
+    box_weight_by_cls: bool = False  # box loss of a positive × its detached class probability / mean (harmonized)
+    dc_loss: bool = False  # DC loss (formulas 1–3): positives' cls loss × normalised 1 / localisation error
+    dc_center_norm: str = "gt_wh"  # dc_loss: centre offset / gt (w, h) | / gt diagonal (gt_diag) | pixels (none)
+    iac_assign: bool = False  # IoU-classification-aware assignment (formulas 4–5)
+    iac_alpha: float = 0.5  # iac_assign: s = α · p + (1 − α) · intersection / min area
+    iac_score_thresh: float = 0.75  # iac_assign: anchors with s >= this are positives too
     score_thresh: float = 0.05
     topk: int = 1000  # candidates per FPN level entering NMS
     nms_thresh: float = 0.5
+    cl_nms: bool = False  # CL-balanced NMS (formulas 6–7): NMS ranks by score + centre-closeness term
+    cl_nms_weight: float = 1.0  # cl_nms: β, the closeness term's value for a box centred on its cluster's centre
+    cl_nms_temperature: float = 1.0  # cl_nms: T in the cluster's softmax(score / T) centre weights
     max_det: int = 100
 
 
@@ -114,6 +163,13 @@ def _check_range(cfg: ModelConfig) -> None:
         ("focal_alpha", 0 <= cfg.focal_alpha <= 1, "must be in [0, 1]"),
         ("focal_gamma", cfg.focal_gamma >= 0, "must be >= 0"),
         ("obj_loss_weight", cfg.obj_loss_weight >= 0, "must be >= 0"),
+        ("obj_neg_weight", cfg.obj_neg_weight >= 0, "must be >= 0"),
+        ("obj_gfocal_gamma", cfg.obj_gfocal_gamma >= 0, "must be >= 0"),
+        ("obj_smooth_l1_beta", cfg.obj_smooth_l1_beta > 0, "must be > 0"),
+        ("iac_alpha", 0 <= cfg.iac_alpha <= 1, "must be in [0, 1]"),
+        ("iac_score_thresh", 0 <= cfg.iac_score_thresh <= 1, "must be in [0, 1]"),
+        ("cl_nms_weight", cfg.cl_nms_weight >= 0, "must be >= 0"),
+        ("cl_nms_temperature", cfg.cl_nms_temperature > 0, "must be > 0"),
         ("score_thresh", 0 <= cfg.score_thresh < 1, "must be in [0, 1)"),
         ("topk", cfg.topk >= 1, "must be >= 1"),
         ("nms_thresh", 0 < cfg.nms_thresh <= 1, "must be in (0, 1]"),
@@ -148,6 +204,17 @@ def _check_types(cfg: ModelConfig) -> None:
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise _option_error(name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _check_dependent(cfg: ModelConfig) -> None:
+    """Raise InputError for an option changed from its default while the option it refines is off."""
+    defaults = ModelConfig(cfg.name, 1)
+    for option, switch, value in _DEPENDENT_OPTIONS:
+        if getattr(cfg, option) != getattr(defaults, option) and getattr(cfg, switch) != value:
+            needs = f"{switch}=true" if value is True else f"{switch}={value}"
+            raise _option_error(option, f"applies only with {needs}")
+    if cfg.dc_loss and cfg.cls_loss == "dr":
+        raise _option_error("dc_loss", "needs a per-anchor classification loss (focal or quality_focal), not dr")
 
 
 def resolve_config(name: str, num_classes: int, **options: Any) -> ModelConfig:
@@ -189,9 +256,13 @@ def resolve_config(name: str, num_classes: int, **options: Any) -> ModelConfig:
     _check_choice("head_norm", cfg.head_norm, HEAD_NORMS)
     _check_choice("loss_norm", cfg.loss_norm, LOSS_NORMS)
     _check_choice("obj_loss", cfg.obj_loss, OBJ_LOSSES)
+    _check_choice("cls_loss", cfg.cls_loss, CLS_LOSSES)
+    _check_choice("dr_reduction", cfg.dr_reduction, DR_REDUCTIONS)
+    _check_choice("dc_center_norm", cfg.dc_center_norm, DC_CENTER_NORMS)
     if cfg.pretrained and cfg.backbone == "resnet10":
         raise _option_error("pretrained", "resnet10 has no pretrained weights")
     _check_range(cfg)
+    _check_dependent(cfg)
     return cfg
 
 
@@ -302,8 +373,13 @@ class Detector(nn.Module):
         self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.matcher = det_utils.Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=True)
         self.loss_settings = LossSettings(
-            cfg.focal_alpha, cfg.focal_gamma, cfg.loss_norm, cfg.obj_loss, cfg.obj_loss_weight, cfg.detach_iou_target
+            focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, loss_norm=cfg.loss_norm,
+            obj_loss=cfg.obj_loss, obj_loss_weight=cfg.obj_loss_weight, detach_iou_target=cfg.detach_iou_target,
+            obj_neg_weight=cfg.obj_neg_weight, obj_gfocal_gamma=cfg.obj_gfocal_gamma,
+            obj_smooth_l1_beta=cfg.obj_smooth_l1_beta, cls_loss=cfg.cls_loss, dr_reduction=cfg.dr_reduction,
+            box_weight_by_cls=cfg.box_weight_by_cls, dc_loss=cfg.dc_loss, dc_center_norm=cfg.dc_center_norm,
         )
+        self.iac_settings = IacSettings(cfg.iac_alpha, cfg.iac_score_thresh) if cfg.iac_assign else None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -317,16 +393,22 @@ class Detector(nn.Module):
     @property
     def score_formula(self) -> str:
         """The NMS ranking score in words, for reports and ledger metadata."""
-        if not self.has_objectness:
-            return "cls"
-        formula = f"obj^{self.cfg.obj_exponent:g} * cls^{1 - self.cfg.obj_exponent:g}"
-        return formula + (" (P7: cls)" if self.cfg.conf_skip_p7 else "")
+        formula = "cls"
+        if self.has_objectness:
+            formula = f"obj^{self.cfg.obj_exponent:g} * cls^{1 - self.cfg.obj_exponent:g}"
+            formula += " (P7: cls)" if self.cfg.conf_skip_p7 else ""
+        if self.cfg.cl_nms:
+            formula = f"{formula} + CL-NMS centre closeness (weight {self.cfg.cl_nms_weight:g})"
+        return formula
 
     @property
     def postprocess_settings(self) -> PostprocessSettings:
         c = self.cfg
         exponent = c.obj_exponent if self.has_objectness else None
-        return PostprocessSettings(c.score_thresh, c.topk, c.nms_thresh, c.max_det, exponent, c.conf_skip_p7)
+        return PostprocessSettings(
+            c.score_thresh, c.topk, c.nms_thresh, c.max_det, exponent, c.conf_skip_p7,
+            cl_nms=c.cl_nms, cl_nms_weight=c.cl_nms_weight, cl_nms_temperature=c.cl_nms_temperature,
+        )
 
     def _run_network(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """Normalise/resize/batch, backbone, heads, anchors.
@@ -350,7 +432,9 @@ class Detector(nn.Module):
                 raise ValueError("targets are required in training mode")
             _check_targets(targets, self.cfg.num_classes)
             _, targets, head_outputs, anchors, _ = self._run_network(images, targets)
-            assignment = assign_anchors(anchors, targets, self.matcher)
+            # IAC assignment labels anchors with the classifier's current (detached) probabilities.
+            cls_prob = torch.sigmoid(head_outputs["cls_logits"].detach().float()) if self.iac_settings else None
+            assignment = assign_anchors(anchors, targets, self.matcher, cls_prob=cls_prob, iac=self.iac_settings)
             return detection_losses(head_outputs, anchors, assignment, self.box_coder, self.loss_settings)
         return [self._detections(cand) for cand, _ in self._candidates(images)]
 

@@ -4,6 +4,8 @@ For one image: per FPN level, every (anchor, class) pair gets a ranking score (t
 probability, or the joint obj^e · cls^(1−e) score of a branch model); pairs with score >
 `score_thresh` enter, at most `topk` per level; their boxes are decoded and clipped; class-wise NMS
 (torchvision's `batched_nms`) picks survivors; the `max_det` best survivors are the detections.
+With CL-balanced NMS (`cl_nms`) the entered pairs are first re-scored by their closeness to their
+NMS cluster's weighted centre, and NMS, the ledger's `score` and the detections use that score.
 Boxes are x1, y1, x2, y2 in pixels of the resized (network input) image.
 """
 
@@ -31,6 +33,9 @@ class PostprocessSettings:
     max_det: int = 100  # detections kept per image after NMS
     obj_exponent: float | None = None  # e in obj^e · cls^(1−e); None: rank by cls alone
     conf_skip_p7: bool = False  # original RetinaNet-Conf code: the last level ranks by cls alone
+    cl_nms: bool = False  # CL-balanced NMS: rank by score + centre-closeness term (`cl_nms_scores`)
+    cl_nms_weight: float = 1.0  # β: the closeness term of a box centred exactly on its cluster's centre
+    cl_nms_temperature: float = 1.0  # T in the cluster centre's softmax(score / T) weights
 
 
 def joint_score(cls_prob: Tensor, obj_prob: Tensor, obj_exponent: float) -> Tensor:
@@ -87,6 +92,49 @@ def select_candidates(
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def nms_clusters(boxes: Tensor, scores: Tensor, labels: Tensor, nms_thresh: float) -> Tensor:
+    """Cluster of each candidate under class-wise greedy NMS: [K, 4], [K], [K] -> [K] candidate indices.
+
+    A survivor heads its own cluster; every other box belongs to the survivor that suppresses it.
+    Candidates must be sorted by score descending (index order = score order).
+    """
+    survivors = torch.sort(batched_nms(boxes, scores, labels, nms_thresh)).values
+    suppressed_by = find_suppressors(boxes, scores, labels, survivors, nms_thresh)
+    own = torch.arange(len(scores), device=scores.device)
+    return torch.where(suppressed_by >= 0, suppressed_by, own)
+
+
+def cluster_centres(boxes: Tensor, scores: Tensor, cluster: Tensor, temperature: float = 1.0) -> Tensor:
+    """Formula 6: each cluster's centre, the softmax(score / T)-weighted mean of its boxes' centres.
+
+    boxes [K, 4] xyxy, scores [K], cluster [K] (index of each box's cluster, in 0..K-1) ->
+    [K, 2] the centre of the cluster each box belongs to.
+    """
+    logits = scores / temperature  # [K]
+    top = torch.full_like(logits, -torch.inf).scatter_reduce(0, cluster, logits, "amax")  # [K] per cluster
+    weights = torch.exp(logits - top[cluster])  # [K], stable: at most 1
+    total = torch.zeros_like(weights).index_add(0, cluster, weights)  # [K]
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # [K, 2]
+    weighted = torch.zeros_like(centres).index_add(0, cluster, centres * weights[:, None])  # [K, 2]
+    return weighted[cluster] / total[cluster, None]
+
+
+def cl_nms_scores(boxes: Tensor, scores: Tensor, labels: Tensor, settings: PostprocessSettings) -> Tensor:
+    """Formula 7: the CL-balanced NMS score s = score + dis(centre, cluster centre) -> [K].
+
+    Clusters are those of greedy NMS on `scores` (`nms_clusters`); dis = β · max(0, 1 − d / r),
+    d the distance from the box's centre to its cluster's centre (`cluster_centres`), r half the
+    box's diagonal. A box on the centre gains β, one a half-diagonal away or further gains 0.
+    boxes [K, 4] xyxy, scores [K], labels [K], sorted by score descending.
+    """
+    cluster = nms_clusters(boxes, scores, labels, settings.nms_thresh)
+    centre = cluster_centres(boxes, scores, cluster, settings.cl_nms_temperature)  # [K, 2]
+    own_centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half_diag = (boxes[:, 2:] - boxes[:, :2]).norm(dim=1).clamp(min=1e-6) / 2  # [K]
+    closeness = (1 - (own_centre - centre).norm(dim=1) / half_diag).clamp(min=0)  # [K]
+    return scores + settings.cl_nms_weight * closeness
+
+
 def postprocess_image(
     cls_logits: Tensor,
     bbox_deltas: Tensor,
@@ -103,6 +151,8 @@ def postprocess_image(
     of the resized image. Returns the fields of `select_candidates` plus `boxes` [K, 4] (decoded,
     clipped), `survivors` [S] (candidate indices kept by NMS, ascending = score-descending) and
     `kept` [K] bool (the first `max_det` survivors). The detections are the kept rows, in order.
+    With `settings.cl_nms`, `score` is the CL-NMS score (`cl_nms_scores`) that NMS ranked by; the
+    candidates entered by the plain score (> score_thresh, top-k per level).
     """
     cand = select_candidates(cls_logits, obj_logits, num_anchors_per_level, settings)
     order = torch.sort(cand["score"], descending=True, stable=True).indices
@@ -110,6 +160,11 @@ def postprocess_image(
     idx = cand["anchor_idx"]
     boxes = box_coder.decode_single(bbox_deltas[idx].float(), anchors[idx])  # [K, 4]
     cand["boxes"] = clip_boxes_to_image(boxes, image_size)
+    if settings.cl_nms:
+        # NMS and the detections rank by the CL-NMS score: it becomes the candidates' `score`.
+        cand["score"] = cl_nms_scores(cand["boxes"], cand["score"], cand["labels"], settings)
+        order = torch.sort(cand["score"], descending=True, stable=True).indices
+        cand = {k: v[order] for k, v in cand.items()}
     survivors = torch.sort(batched_nms(cand["boxes"], cand["score"], cand["labels"], settings.nms_thresh)).values
     kept = torch.zeros_like(cand["score"], dtype=torch.bool)
     kept[survivors[: settings.max_det]] = True
