@@ -43,6 +43,8 @@ class ReportConfig:
     num_images: int = 6  # images shown one by one (Table 1 columns, Figure 1 scatters, Figure 2)
     bootstrap: int = 200  # bootstrap resamples of images for the 95% CIs (0: no CIs)
     seed: int = 0  # bootstrap seed (same seed and B for every dump: paired differences)
+    rescore: bool = False  # counterfactual rescoring: re-run NMS under other rankings (metrics.json 'rescoring')
+    alphas: object = None  # α grid of --rescore: '0,0.1,...' or numbers; default misalign.rescore.DEFAULT_ALPHAS
 
 
 @dataclass
@@ -61,6 +63,8 @@ class DumpView:
     quadrants: dict = field(default_factory=dict)  # score column -> misalign.counts.quadrant_counts frame
     shown_ids: np.ndarray | None = None  # [N] image ids shown one by one (the first dump's first N images)
     shown_rows: pd.DataFrame | None = None  # candidates of the shown images (Figure 1 scatters)
+    rescoring: object = None  # misalign.rescore.RescoreResult (--rescore); None when not rescored
+    rescore_note: str | None = None  # why it could not be rescored (post-NMS only, no nms_thresh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +97,12 @@ def _check_options(config: ReportConfig, dumps) -> None:
         raise InputError(f"--images: {config.num_images} must be at least 1")
     if config.bootstrap < 0:
         raise InputError(f"--bootstrap: {config.bootstrap} must be 0 or more")
+    if config.alphas is not None and not config.rescore:
+        raise InputError("--alphas: only used with --rescore")
+    if config.rescore:
+        from misalign.rescore import DEFAULT_ALPHAS, parse_alphas
+
+        config.alphas = DEFAULT_ALPHAS if config.alphas is None else parse_alphas(config.alphas)
 
 
 def _dataset(meta: dict) -> dict:
@@ -179,9 +189,22 @@ def analyse_dumps(dumps, config: ReportConfig) -> tuple[list[DumpView], Path]:
         log.info("analysing %s (%d candidates)", name, len(ledger.candidates))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=config.min_iou, bootstrap=config.bootstrap,
                            seed=config.seed)
+        rescoring, note = _rescore(ledger, analysis, coco_gt, config) if config.rescore else (None, None)
         views.append(_view(ledger, analysis, name, shown_ids))
+        views[-1].rescoring, views[-1].rescore_note = rescoring, note
         del ledger
     return views, gt_path
+
+
+def _rescore(ledger, analysis, coco_gt, config):
+    """(misalign.rescore result, None), or (None, why not) for a dump that cannot be rescored; adds
+    metrics.json's `rescoring` and `ap_lost_to_misalignment` to the analysis either way."""
+    from misalign.rescore import rescore, unavailable_metrics, unavailable_reason
+
+    reason = unavailable_reason(ledger.meta)
+    result = None if reason else rescore(ledger, coco_gt, alphas=config.alphas, actual_ap=analysis.metrics["ap"])
+    analysis.metrics.update(result.metrics() if result else unavailable_metrics())
+    return result, reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,13 +246,16 @@ def _with_ci(frame: pd.DataFrame, value: str, lo: str, hi: str, label: str, digi
     return frame.apply(text, axis=1).rename(label)
 
 
-def summary_table(views, palette) -> Table:
+def summary_table(views, palette, rescore: bool = False) -> Table:
     from misalign.metrics import summary_table as misalign_summary
 
     frame = misalign_summary({v.name: v.analysis for v in views}, column="score")
     shown = pd.DataFrame({"detector": frame["detector"]})
     for key in ("AP", "AP50", "AP75"):
         shown[key] = frame[key]
+    if rescore:  # AP(oracle) - AP(actual); None where the dump could not be rescored
+        frame["ap_lost_to_misalignment"] = [v.analysis.metrics.get("ap_lost_to_misalignment") for v in views]
+        shown["AP lost to misalignment"] = frame["ap_lost_to_misalignment"]
     shown["ρ(score, IoU) [95% CI]"] = _with_ci(frame, "spearman", "spearman_lo", "spearman_hi", "")
     shown["divergence [95% CI]"] = _with_ci(frame, "divergence", "divergence_lo", "divergence_hi", "")
     shown["survival iou>0.5 [95% CI]"] = _with_ci(frame, "survival iou>0.5", "survival iou>0.5 lo",
@@ -242,7 +268,10 @@ def summary_table(views, palette) -> Table:
         "of boxes with IoU > 0.5 (and with cls > 0.5) that survive NMS.",
         "Higher AP and ρ, lower divergence are better; a survival of IoU>0.5 boxes far below that of cls>0.5 boxes "
         "is the paper's finding: NMS keeps confident boxes, not well-localised ones."),
-        formats={k: fmt_float(3) for k in ("AP", "AP50", "AP75")}, colors=palette)
+        formats={k: fmt_float(3) for k in ("AP", "AP50", "AP75", "AP lost to misalignment")}, colors=palette)
+    if rescore:
+        table.explain = (table.explain[0] + " AP lost to misalignment: AP with NMS ranking by the true IoU (oracle) "
+                         "minus the detector's own AP, from the counterfactual rescoring below.", table.explain[1])
     table.csv = frame
     return table
 
@@ -459,6 +488,81 @@ def ap_figure(metrics, names, palette) -> Figure:
 
 
 # ---------------------------------------------------------------------------------------------
+# counterfactual rescoring (misalign.rescore)
+
+RANKING_LABELS = {"cls*obj": "cls·obj", "oracle": "oracle (true IoU)", "actual": "actual (the dump's own output)"}
+
+
+def rescoring_frame(views) -> pd.DataFrame:
+    """Rows (detector, ranking): AP, AP50, AP75 (metrics.json 'rescoring', then 'actual' = its 'ap'),
+    delta_AP = AP - actual AP (the oracle's is the AP lost to misalignment), kept boxes."""
+    rows = []
+    for v in views:
+        result = v.rescoring
+        for ranking, ap in [*result.rankings.items(), ("actual", result.actual)]:
+            rows.append({"detector": v.name, "ranking": ranking, **ap, "delta_AP": ap["AP"] - result.actual["AP"],
+                         "kept": result.num_kept.get(ranking, v.meta.get("num_kept"))})
+    return pd.DataFrame(rows, columns=["detector", "ranking", "AP", "AP50", "AP75", "delta_AP", "kept"])
+
+
+def rescoring_table(views, palette) -> Table:
+    frame = rescoring_frame(views)
+    shown = frame.assign(ranking=frame["ranking"].map(lambda r: RANKING_LABELS.get(r, r)))
+    shown = shown.rename(columns={"delta_AP": "AP − actual AP", "kept": "kept boxes"})
+    table = Table("rescoring", shown, (
+        "Per detector (one block each, like the paper's Tables 4 and 5): COCO AP, AP50 and AP75 after re-running NMS "
+        "on its pre-NMS pool ranked by each score, with the dump's own NMS threshold and max detections; "
+        "alpha=a ranks by obj^a·cls^(1−a); the last row is the dump's actual output.",
+        "The oracle row's 'AP − actual AP' is the AP lost to misalignment; α rows above the cls row mean object "
+        "confidence leads NMS to better-localised boxes than the class probability alone."),
+        formats={**{k: fmt_float(3) for k in ("AP", "AP50", "AP75")}, "AP − actual AP": fmt_float(3, signed=True),
+                 "kept boxes": fmt_count},
+        left=("ranking",), groups="detector", colors=palette)
+    table.csv = frame
+    return table
+
+
+def rescoring_figure(views, palette) -> Figure | None:
+    sweeps = {v.name: v.rescoring.rankings for v in views}
+    if not any(key.startswith("alpha=") for rankings in sweeps.values() for key in rankings):
+        return None
+    return _figure("rescoring", F.figure_rescoring(sweeps, palette), (
+        "COCO AP, AP50 and AP75 after NMS ranked by obj^α·cls^(1−α), against α (solid, one colour per "
+        "detector; the hollow marker at α = 1 is obj alone); horizontal lines: cls alone (dashed), cls·obj "
+        "(dash-dot) and the oracle, ranking by true IoU (dotted).",
+        "The gap between a detector's dotted oracle line and its curve is AP that a better ranking alone would "
+        "recover; a curve above the dashed cls line means object confidence helps NMS keep well-localised boxes."),
+        "AP against alpha")
+
+
+def rescoring_section(views, config, palette) -> dict | None:
+    """The 'Counterfactual rescoring' section: notes on what could not be computed, the table, the α plot."""
+    if not config.rescore:
+        return None
+    notes = []
+    for v in views:
+        if v.rescoring is None:
+            notes.append(f"{v.name}: not rescored, {v.rescore_note}.")
+            continue
+        if v.rescoring.skipped:
+            notes.append(f"{v.name}: {next(iter(v.rescoring.skipped.values()))}, so only its cls and oracle rankings "
+                         "are computed (no obj, cls·obj or α rows, no curve in the plot).")
+        if v.rescoring.settings.get("max_det_source") == "default":
+            notes.append(f"{v.name}: meta.json records no max_det; NMS survivors were cut at "
+                         f"{v.rescoring.settings['max_det']} per image (COCO's maxDets).")
+    rescored = [v for v in views if v.rescoring is not None]
+    section = {"notes": notes, "table": None, "figure": None, "alphas": ", ".join(f"{a:g}" for a in config.alphas)}
+    if not rescored:
+        notes.append("No dump could be rescored, so this section has no table and no plot.")
+        return section
+    section["table"] = rescoring_table(rescored, palette)
+    section["figure"] = rescoring_figure(rescored, palette)
+    if section["figure"] is None:
+        notes.append("No rescored dump has obj_score, so there is no α sweep to plot.")
+    return section
+
+
+# ---------------------------------------------------------------------------------------------
 # provenance
 
 
@@ -534,17 +638,18 @@ def build_context(views, metrics, config, gt_path) -> dict:
         "gt_label": gt_label, "num_images": len(views[0].analysis.image_ids),
         "dumps": {v.name: str(v.folder) for v in views},
         "global_notes": global_notes,
-        "summary": summary_table(views, palette),
+        "summary": summary_table(views, palette, config.rescore),
         "differences": differences_table(views, palette),
         "before_after": before_after,
         "correlation": {"notes": correlation_notes, "figure": correlation_figure(metrics, names, palette),
                         "table": correlation_table(metrics, names, palette)},
+        "rescoring": rescoring_section(views, config, palette),
         "coco": {"table": coco_table(metrics, names, palette), "figure": ap_figure(metrics, names, palette)},
         "provenance": {"table": provenance_table(views, config, gt_path, palette),
                        "meta": [{"name": v.name, "path": str(v.folder), "json": meta_json_text(v.meta)} for v in views]},
         "params": {"min_iou": config.min_iou, "bootstrap": config.bootstrap, "seed": config.seed,
                    "num_images": config.num_images, "before_after": config.before_after_nms,
-                   "min_candidates": views[0].analysis.settings.get("min_count", 3)},
+                   "min_candidates": views[0].analysis.settings.get("min_count", 3), "rescore": config.rescore},
     }
 
 
@@ -571,7 +676,8 @@ def write_report(dumps, out, **options) -> Path:
     """Analyse `dumps` (ledger folders) and write the report folder `out`; returns out/index.html.
 
     options: the ReportConfig fields (names, gt, before_after_nms, min_iou, num_images, bootstrap,
-    seed). InputError (one line) for bad input; `out` is replaced only when the report is complete.
+    seed, rescore, alphas). InputError (one line) for bad input; `out` is replaced only when the report
+    is complete.
     """
     from misalign.io import atomic_dir
     from misalign.metrics import metrics_document

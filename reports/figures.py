@@ -339,3 +339,42 @@ def figure_ap(ap: dict, palette: dict, keys=("AP", "AP50", "AP75", "APs", "APm",
     ax.set_ylabel("COCO AP (%)")
     ax.grid(axis="y", alpha=0.3)
     return _finish(fig, [Patch(color=palette[n]) for n in names], names, ncol=min(len(names), 5))
+
+
+RESCORE_LINES = (("cls", "--", "cls alone"), ("cls*obj", "-.", "cls·obj"), ("oracle", ":", "oracle (true IoU)"))
+
+
+def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")):
+    """The α sweep of counterfactual rescoring: one panel per COCO number, α on x.
+
+    rescoring: detector -> metrics.json `rescoring` dict ({ranking: {"AP", "AP50", "AP75"}}). Per
+    detector: its `alpha=a` rankings as a solid line, `obj` as a hollow marker at α = 1 (obj^1·cls^0),
+    and `cls`, `cls*obj`, `oracle` as horizontal lines (RESCORE_LINES) in its colour.
+    """
+    names = list(rescoring)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys) + 0.5, 2.9), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name in names:
+            rankings, color = rescoring[name], palette[name]
+            sweep = sorted((float(k.split("=", 1)[1]), v[key]) for k, v in rankings.items() if k.startswith("alpha="))
+            if sweep:
+                ax.plot(*zip(*sweep), color=color, lw=1.6, marker="o", ms=3.5, zorder=3)
+            if "obj" in rankings:
+                ax.plot([1.0], [rankings["obj"][key]], ls="none", marker="o", ms=5, mfc="white", mec=color, zorder=3)
+            for ranking, style, _ in RESCORE_LINES:
+                if ranking in rankings:
+                    ax.axhline(rankings[ranking][key], color=color, ls=style, lw=1.1, zorder=2)
+        ax.set_xlim(-0.04, 1.04)
+        ax.set_xticks(np.linspace(0, 1, 6))
+        ax.set_xlabel(r"$\alpha$ in obj$^{\alpha}$ · cls$^{1-\alpha}$")
+        ax.set_ylabel(f"COCO {key} (0–1)")
+        ax.set_title(f"{key} after NMS re-ranked")
+        ax.grid(alpha=0.3)
+    grey = "0.35"
+    handles = [Patch(color=palette[n]) for n in names] + [
+        Line2D([], [], color=grey, lw=1.6, marker="o", ms=3.5),
+        Line2D([], [], color=grey, ls="none", marker="o", ms=5, mfc="white", mec=grey),
+        *(Line2D([], [], color=grey, ls=style, lw=1.1) for _, style, _ in RESCORE_LINES)]
+    labels = [*names, r"obj$^{\alpha}$·cls$^{1-\alpha}$", "obj alone (α = 1)",
+              *(label for _, _, label in RESCORE_LINES)]
+    return _finish(fig, handles, labels, ncol=min(len(labels), 8))

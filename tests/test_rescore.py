@@ -1,0 +1,378 @@
+"""Counterfactual rescoring (misalign.rescore, `misalign report --rescore`).
+
+The fast NMS (chunks of (image, category) groups, one torchvision call per chunk) is checked against
+a slow greedy NMS written with plain loops, and against misalign.importer's per-image NMS; every AP
+against pycocotools on the slow reference's kept boxes; one toy image is worked out by hand; the
+report's metrics.json keys, section and CSV are checked through the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from reference import slow_iou
+
+from cli import main
+from misalign.errors import InputError
+from reports.synthetic import synthetic_ledger
+
+SIZES = dict(num_images=12, cands_per_image=150, num_categories=4, gt_per_image=4, kept_per_image=10)
+RANKINGS = ("cls", "obj", "cls*obj", "alpha=0.4", "oracle")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def ledgers(tmp_path_factory):
+    """One split, three dumps: conf (obj_score), base (no obj_score), post (post-NMS only)."""
+    root = tmp_path_factory.mktemp("rescore")
+    gt = synthetic_ledger(root / "conf", seed=3, gt_path=root / "gt.json", **SIZES)
+    synthetic_ledger(root / "base", seed=4, gt_path=gt, with_obj=False, **SIZES)
+    synthetic_ledger(root / "post", seed=5, gt_path=gt, post_nms_only=True, **SIZES)
+    return {"root": root, "gt": gt, **{k: root / k for k in ("conf", "base", "post")}}
+
+
+@pytest.fixture(scope="module")
+def conf(ledgers):
+    from misalign.ledger import read_ledger
+    from misalign.rescore import RESCORE_COLUMNS, rescore
+
+    ledger = read_ledger(ledgers["conf"], columns=list(RESCORE_COLUMNS))
+    return ledger, rescore(ledger, ledgers["gt"])
+
+
+# --- slow references -----------------------------------------------------------------------------
+
+
+def slow_greedy_nms(image_id, category_id, boxes, scores, nms_thresh, max_det) -> set[int]:
+    """Rows kept: per image and class, walk the rows by score (ties in row order) and keep a row unless a
+    kept row of its group overlaps it by IoU > nms_thresh; then the best max_det of each image by score."""
+    groups: dict = {}
+    for row in range(len(scores)):
+        groups.setdefault((int(image_id[row]), int(category_id[row])), []).append(row)
+    survivors = []
+    for rows in groups.values():
+        alive = []
+        for row in sorted(rows, key=lambda r: -scores[r]):  # sorted() is stable: ties stay in row order
+            if all(slow_iou(boxes[k], boxes[row]) <= nms_thresh for k in alive):
+                alive.append(row)
+        survivors += alive
+    per_image: dict = {}
+    for row in survivors:
+        per_image.setdefault(int(image_id[row]), []).append(row)
+    kept = set()
+    for rows in per_image.values():
+        kept |= set(sorted(rows, key=lambda r: (-scores[r], r))[:max_det])
+    return kept
+
+
+def reference_kept(candidates, scores, nms_thresh, max_det) -> np.ndarray:
+    boxes = [[float(v) for v in row] for row in candidates[["x1", "y1", "x2", "y2"]].to_numpy()]
+    kept = slow_greedy_nms(candidates["image_id"].to_numpy(), candidates["category_id"].to_numpy(), boxes,
+                           [float(s) for s in scores], nms_thresh, max_det)
+    mask = np.zeros(len(candidates), bool)
+    mask[sorted(kept)] = True
+    return mask
+
+
+def pycocotools_ap(gt_path, candidates, kept, scores) -> dict:
+    """pycocotools' COCOeval of the rows `kept` scored by `scores`, over every image of the gt."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rows = candidates[kept]
+    x1, y1 = rows["x1"].to_numpy(np.float64), rows["y1"].to_numpy(np.float64)
+    dets = np.column_stack([rows["image_id"].to_numpy(np.float64), x1, y1, rows["x2"].to_numpy(np.float64) - x1,
+                            rows["y2"].to_numpy(np.float64) - y1, np.asarray(scores, np.float64)[kept],
+                            rows["category_id"].to_numpy(np.float64)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_path))
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+        evaluator.params.imgIds = sorted(coco_gt.getImgIds())
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(("AP", "AP50", "AP75"), evaluator.stats[:3]))
+
+
+# --- rankings and options ------------------------------------------------------------------------
+
+
+def test_ranking_names_and_alpha_grid():
+    from misalign.rescore import DEFAULT_ALPHAS, parse_alphas, ranking_names
+
+    assert ranking_names(DEFAULT_ALPHAS) == ["cls", "obj", "cls*obj", "alpha=0", "alpha=0.1", "alpha=0.2", "alpha=0.3",
+                                             "alpha=0.4", "alpha=0.5", "alpha=0.6", "alpha=0.7", "alpha=0.8",
+                                             "alpha=0.9", "oracle"]
+    assert ranking_names([0.4], has_obj=False) == ["cls", "oracle"]
+    assert parse_alphas(" 0.4,0, 0.25") == (0.0, 0.25, 0.4)
+    for text, fragment in (("1.5", "outside [0, 1]"), ("a,b", "not a comma-separated"), ("0.1,0.10", "appears twice"),
+                           ("", "not a comma-separated"), ("0.2,", "not a comma-separated")):
+        with pytest.raises(InputError, match=r"^--alphas: ") as err:
+            parse_alphas(text)
+        assert fragment in str(err.value)
+
+
+def test_ranking_scores_follow_their_formulas(conf):
+    from misalign.rescore import ranking_scores
+
+    ledger, _ = conf
+    c = ledger.candidates
+    scores, skipped = ranking_scores(c, [0.0, 0.4])
+    cls, obj = c["cls_score"].to_numpy(np.float64), c["obj_score"].to_numpy(np.float64)
+    assert list(scores) == ["cls", "obj", "cls*obj", "alpha=0", "alpha=0.4", "oracle"] and skipped == {}
+    np.testing.assert_array_equal(scores["cls*obj"], cls * obj)
+    np.testing.assert_allclose(scores["alpha=0.4"], np.exp(0.4 * np.log(obj) + 0.6 * np.log(cls)), rtol=1e-12)
+    np.testing.assert_array_equal(scores["alpha=0"], cls)  # obj^0 * cls^1 is cls exactly
+    np.testing.assert_array_equal(scores["oracle"], c["iou"].to_numpy(np.float64))
+
+
+# --- the NMS against slow references -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranking", RANKINGS)
+def test_nms_matches_slow_greedy_reference(conf, ranking):
+    from misalign.rescore import nms_settings, ranking_scores, rescored_kept
+
+    ledger, _ = conf
+    c = ledger.candidates
+    settings = nms_settings(ledger.meta)
+    assert (settings["nms_thresh"], settings["max_det"]) == (0.5, SIZES["kept_per_image"])  # the dump's own
+    scores = ranking_scores(c)[0][ranking]
+    fast = rescored_kept(c, scores, settings["nms_thresh"], settings["max_det"])
+    slow = reference_kept(c, scores, settings["nms_thresh"], settings["max_det"])
+    np.testing.assert_array_equal(fast, slow)
+    # not trivial: NMS suppressed boxes and max_det cut survivors in every image
+    per_image = pd.Series(fast).groupby(c["image_id"].to_numpy()).sum()
+    assert (per_image == SIZES["kept_per_image"]).all()
+    no_cut = rescored_kept(c, scores, settings["nms_thresh"], 10**6)
+    assert no_cut.sum() > fast.sum() and no_cut.sum() < len(c)
+
+
+def test_nms_agrees_with_the_importers_per_image_nms(conf):
+    from misalign.importer import nms_with_attribution
+    from misalign.rescore import ranking_scores, rescored_kept
+
+    ledger, _ = conf
+    c = ledger.candidates
+    scores = ranking_scores(c)[0]["cls*obj"]
+    fast = rescored_kept(c, scores, 0.5, 7)
+    for image_id, rows in c.groupby("image_id").indices.items():
+        ranked = rows[np.argsort(-scores[rows], kind="stable")]  # the importer's contract: rows ranked by score
+        kept, _ = nms_with_attribution(c[["x1", "y1", "x2", "y2"]].to_numpy()[ranked], scores[ranked],
+                                       c["category_id"].to_numpy()[ranked], 0.5, 7)
+        np.testing.assert_array_equal(fast[ranked], kept, err_msg=f"image {image_id}")
+
+
+def test_chunk_offsets_keep_groups_apart_and_iou_ties_exact():
+    """300 (image, category) groups packed several per chunk, each of three boxes sharing x1, y1, x2:
+
+        b1 (score 0.9) bottom y + 2h;  b2 (0.8) bottom y + h;  b3 (0.7) bottom y + 1.2h
+    IoU(b1, b2) = h / 2h = 0.5 exactly (y, y + h, y + 2h are exact float32 values: h is a multiple of
+    2^-10 px and y lies in [1024, 1500)), which is not > 0.5, so b2 survives; IoU(b1, b3) = 0.6 and b3
+    goes. The same 100 triples appear in each of 3 images, so if groups met, identical boxes (IoU 1)
+    would suppress each other. If the offsets rounded a coordinate (as float32 offsets do: 484 of the
+    600 survive then), IoU(b1, b2) would move off 0.5. So exactly b1 and b2 of every group survive.
+    """
+    from misalign.rescore import nms_survivors, plan_nms
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1500, 100).astype(np.float32)  # [100]
+    y = rng.uniform(1024, 1500, 100).astype(np.float32)
+    h = rng.integers(4 * 1024, 200 * 1024, 100) / 1024.0
+    x2 = (x + rng.uniform(4, 200, 100)).astype(np.float32)
+    bottoms = [(y + 2 * h).astype(np.float32), (y + h).astype(np.float32), (y + 1.2 * h).astype(np.float32)]
+    assert np.all(bottoms[0].astype(np.float64) - y == 2 * (bottoms[1].astype(np.float64) - y))  # exact
+    triples = np.stack([np.stack([x, y, x2, b], 1) for b in bottoms], 1).reshape(-1, 4)  # [300, 4]
+    boxes = np.tile(triples, (3, 1))  # [900, 4]
+    image_id = np.repeat(np.arange(3), 300)
+    category_id = np.tile(np.repeat(np.arange(100), 3), 3)
+    scores = np.tile([0.9, 0.8, 0.7], 300)
+    expected = np.tile([True, True, False], 300)
+    assert slow_iou(boxes[0].tolist(), boxes[1].tolist()) == 0.5
+    for chunk_rows in (256, 64, 1):
+        plan = plan_nms(image_id, category_id, boxes, chunk_rows=chunk_rows)
+        if chunk_rows > 1:
+            assert 1 < len(plan.chunks) < 300 and max(len(b) for b in plan.chunks) > 3  # groups share chunks
+        np.testing.assert_array_equal(nms_survivors(plan, scores, 0.5), expected)
+    slow = slow_greedy_nms(image_id, category_id, boxes.astype(np.float64).tolist(), scores.tolist(), 0.5, 10**6)
+    assert slow == set(np.flatnonzero(expected).tolist())
+
+
+# --- AP -----------------------------------------------------------------------------------------
+
+
+def test_ap_of_every_ranking_equals_pycocotools_on_the_reference_kept_set(ledgers, conf):
+    from misalign.rescore import DEFAULT_ALPHAS, ranking_names, ranking_scores
+
+    ledger, result = conf
+    c = ledger.candidates
+    assert list(result.rankings) == ranking_names(DEFAULT_ALPHAS) and result.skipped == {}
+    all_scores = ranking_scores(c)[0]
+    for ranking in RANKINGS:
+        kept = reference_kept(c, all_scores[ranking], 0.5, SIZES["kept_per_image"])
+        expected = pycocotools_ap(ledgers["gt"], c, kept, all_scores[ranking])
+        assert result.rankings[ranking] == pytest.approx(expected, abs=1e-6), ranking
+        assert result.num_kept[ranking] == kept.sum()
+    assert result.rankings["alpha=0"] == result.rankings["cls"]  # the same ranking
+    actual = pycocotools_ap(ledgers["gt"], c, c["kept"].to_numpy(), c["score"].to_numpy())
+    assert result.actual == pytest.approx(actual, abs=1e-6)
+    assert result.metrics()["ap_lost_to_misalignment"] == pytest.approx(
+        result.rankings["oracle"]["AP"] - actual["AP"], abs=1e-6)
+    # the synthetic detector's scores follow IoU loosely: the oracle is far better, obj better than cls
+    assert result.ap_lost > 0.05 and result.rankings["obj"]["AP75"] > result.rankings["cls"]["AP75"]
+
+
+def write_toy_ledger(folder, gt_path):
+    """One 400x400 image, one ground-truth box [0, 0, 100, 100] (category 1), three candidates:
+
+        row  box (x1 y1 x2 y2)   cls   obj   IoU with the gt
+        A    0  0   100  60      0.9   0.5   6000 / 10000 = 0.6
+        B    0  0   100  95      0.5   0.95  9500 / 10000 = 0.95
+        C    200 200 250 250     0.3   0.1   0 (elsewhere)
+    IoU(A, B) = 6000 / 9500 = 0.632 > 0.5: whichever of A and B ranks first suppresses the other.
+    The dump ranked by cls: A kept, B suppressed by A, C kept.
+    """
+    from misalign.io import atomic_dir
+    from misalign.ledger import LedgerWriter
+
+    gt_path.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.jpg", "width": 400, "height": 400}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "area": 10000,
+                         "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    cands = pd.DataFrame({
+        "image_id": 1, "category_id": 1,
+        "x1": [0.0, 0.0, 200.0], "y1": [0.0, 0.0, 200.0], "x2": [100.0, 100.0, 250.0], "y2": [60.0, 95.0, 250.0],
+        "cls_score": [0.9, 0.5, 0.3], "obj_score": [0.5, 0.95, 0.1], "score": [0.9, 0.5, 0.3],
+        "kept": [True, False, True], "suppressed_by": [-1, 0, -1],
+        "iou": [0.6, 0.95, 0.0], "gt_id": [1, 1, -1], "iou_any": [0.6, 0.95, 0.0]})
+    with atomic_dir(folder) as tmp, LedgerWriter(tmp) as writer:
+        writer.add_images(pd.DataFrame({"image_id": [1], "file_name": ["1.jpg"], "width": [400], "height": [400],
+                                        "num_gt": [1]}))
+        writer.add_candidates(cands)
+        writer.close({"detector": {"name": "toy"}, "dataset": {"ann": str(gt_path)},
+                      "postprocess": {"nms_thresh": 0.5, "max_det": 100}})
+
+
+def test_hand_worked_toy_oracle_keeps_the_better_box(tmp_path):
+    from misalign.ledger import read_ledger, validate_ledger
+    from misalign.rescore import rescore
+
+    write_toy_ledger(tmp_path / "toy", tmp_path / "gt.json")
+    validate_ledger(tmp_path / "toy")
+    result = rescore(tmp_path / "toy", alphas=[0.4])
+    c = read_ledger(tmp_path / "toy").candidates
+    np.testing.assert_allclose(c["iou"], [0.6, 0.95, 0.0], atol=1e-7)
+    # cls ranks A (0.9) > B (0.5) > C (0.3): A suppresses B, C survives -> kept A, C.
+    # COCO matches a box at threshold t when IoU >= t, t in 0.50, 0.55, ..., 0.95: A (0.6) matches at
+    # 0.50, 0.55, 0.60, each then has precision 1 at recall 1 (A ranks above the miss C): AP_t = 1;
+    # at 0.65 ... 0.95 nothing matches: AP_t = 0. So AP = 3/10, AP50 = 1, AP75 = 0.
+    assert result.rankings["cls"] == pytest.approx({"AP": 0.3, "AP50": 1.0, "AP75": 0.0}, abs=1e-9)
+    # oracle ranks by IoU: B (0.95) > A (0.6) > C (0): B suppresses A -> kept B, C. B matches at every
+    # threshold up to 0.95: AP = AP50 = AP75 = 1.
+    assert result.rankings["oracle"] == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0}, abs=1e-9)
+    # obj ranks B (0.95) first; cls*obj: A 0.9*0.5 = 0.45 < B 0.5*0.95 = 0.475, B first too;
+    # alpha=0.4: A 0.5^0.4 * 0.9^0.6 = 0.712 > B 0.95^0.4 * 0.5^0.6 = 0.646, A first (as cls).
+    assert result.rankings["obj"]["AP75"] == 1.0 and result.rankings["cls*obj"]["AP75"] == 1.0
+    assert result.rankings["alpha=0.4"] == result.rankings["cls"]
+    assert result.num_kept == {name: 2 for name in result.rankings}
+    # actual = the dump's kept A and C ranked by its score (cls): AP 0.3; lost to misalignment: 1 - 0.3
+    assert result.actual == pytest.approx({"AP": 0.3, "AP50": 1.0, "AP75": 0.0}, abs=1e-9)
+    assert result.ap_lost == pytest.approx(0.7, abs=1e-9)
+
+
+# --- what cannot be rescored ---------------------------------------------------------------------
+
+
+def test_no_obj_score_keeps_only_cls_and_oracle(ledgers):
+    from misalign.rescore import rescore
+
+    result = rescore(ledgers["base"], alphas=[0.4])
+    assert list(result.rankings) == ["cls", "oracle"]
+    assert set(result.skipped) == {"obj", "cls*obj", "alpha=0.4"}
+    assert all("obj_score is NaN throughout" in reason for reason in result.skipped.values())
+
+
+def test_post_nms_only_ledger_is_refused_with_its_reason(ledgers):
+    from misalign.rescore import rescore, unavailable_reason
+
+    meta = json.loads((ledgers["post"] / "meta.json").read_text())
+    assert "post-NMS only" in unavailable_reason(meta)
+    with pytest.raises(InputError, match="cannot rescore: post-NMS only"):
+        rescore(ledgers["post"])
+    assert "nms_thresh is unknown" in unavailable_reason({"postprocess": {"nms_thresh": None}})
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def test_report_rescore_section_metrics_and_csv(ledgers, conf):
+    out = ledgers["root"] / "report"
+    result = run("report", ledgers["conf"], ledgers["base"], ledgers["post"], "--out", out, "--rescore",
+                 "--alphas", "0,0.4,0.9", "--bootstrap", "0", "--images", "1")
+    assert result.exit_code == 0, (result.output, result.exception)
+    metrics = json.loads((out / "metrics.json").read_text())["detectors"]
+    alphas = ["alpha=0", "alpha=0.4", "alpha=0.9"]
+    assert list(metrics["conf"]["rescoring"]) == ["cls", "obj", "cls*obj", *alphas, "oracle"]
+    assert list(metrics["base"]["rescoring"]) == ["cls", "oracle"]
+    assert metrics["post"]["rescoring"] == {} and metrics["post"]["ap_lost_to_misalignment"] is None
+    _, library = conf  # the library's numbers, passed through unchanged
+    for name, m in metrics.items():
+        assert list(m)[-2:] == ["rescoring", "ap_lost_to_misalignment"]
+        for ranking, ap in m["rescoring"].items():
+            assert list(ap) == ["AP", "AP50", "AP75"]
+            if name == "conf":
+                assert ap == pytest.approx(library.rankings[ranking], abs=1e-12)
+        if m["rescoring"]:
+            lost = m["rescoring"]["oracle"]["AP"] - m["ap"]["AP"]
+            assert m["ap_lost_to_misalignment"] == pytest.approx(lost, abs=1e-12)
+    # the table's CSV agrees with metrics.json
+    table = pd.read_csv(out / "tables" / "rescoring.csv")
+    assert set(table["detector"]) == {"conf", "base"}
+    for row in table.itertuples():
+        m = metrics[row.detector]
+        expected = m["ap"] if row.ranking == "actual" else m["rescoring"][row.ranking]
+        assert [row.AP, row.AP50, row.AP75] == pytest.approx([expected[k] for k in ("AP", "AP50", "AP75")], abs=1e-12)
+        assert row.delta_AP == pytest.approx(expected["AP"] - m["ap"]["AP"], abs=1e-12)
+    assert len(table) == len(metrics["conf"]["rescoring"]) + len(metrics["base"]["rescoring"]) + 2
+    summary = pd.read_csv(out / "tables" / "summary.csv").set_index("detector")
+    assert summary.loc["conf", "ap_lost_to_misalignment"] == pytest.approx(metrics["conf"]["ap_lost_to_misalignment"])
+    assert np.isnan(summary.loc["post", "ap_lost_to_misalignment"])
+    # the page: section, plot, explanations, and why two dumps have less
+    html = (out / "index.html").read_text()
+    assert 'id="rescoring"' in html and "Counterfactual rescoring" in html and "AP lost to misalignment" in html
+    assert (out / "figures" / "rescoring.png").stat().st_size > 10_000 and 'id="fig-rescoring"' in html
+    assert "base: obj_score is NaN throughout" in html and "only its cls and oracle rankings" in html
+    assert "post: not rescored, post-NMS only" in html
+    assert "--rescore (α grid 0, 0.4, 0.9)" in html
+
+
+def test_report_without_rescore_says_how_to_get_it(ledgers):
+    out = ledgers["root"] / "plain"
+    result = run("report", ledgers["conf"], "--out", out, "--bootstrap", "0", "--images", "1")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())["detectors"]["conf"]
+    assert "rescoring" not in metrics and "ap_lost_to_misalignment" not in metrics
+    assert "misalign report --rescore" in (out / "index.html").read_text()
+    assert not (out / "tables" / "rescoring.csv").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--rescore", "--alphas", "0.2,1.5"], "--alphas: 1.5 is outside [0, 1]"),
+    (["--rescore", "--alphas", "x"], "--alphas: 'x' is not a comma-separated list of numbers"),
+    (["--alphas", "0.2"], "--alphas: only used with --rescore"),
+])
+def test_bad_alphas_are_one_line(ledgers, tmp_path, args, fragment):
+    result = run("report", ledgers["conf"], "--out", tmp_path / "r", *args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert result.stderr.strip().splitlines() == [f"error: {fragment}"]
+    assert not (tmp_path / "r").exists()
