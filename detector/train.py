@@ -1,4 +1,4 @@
-"""`misalign train`: SGD training of the bundled detector, on CPU, one GPU or many (DDP via torchrun).
+"""`misalign train`: training of the bundled detector, on CPU, one GPU or many (DDP via torchrun).
 
 The recipe is the paper's MMDetection setup (DESIGN.md §5): SGD momentum 0.9, weight decay 1e-4,
 lr 0.01 for a batch of 16 (linearly scaled), linear warm-up from 0.001×lr over 500 iterations,
@@ -6,7 +6,8 @@ lr 0.01 for a batch of 16 (linearly scaled), linear warm-up from 0.001×lr over 
 gradient clipping at max-norm 35 (MMDetection's RetinaNet config), images 1000×600.
 
 On a CPU with no size option given (`--backbone`, `--img-size`, `--max-size`), a small recipe is
-used instead (CPU_RECIPE) so that the built-in shapes dataset is learnt in minutes on 2 cores.
+used instead (CPU_RECIPE: resnet10, 160 px, narrow GroupNorm heads, AdamW, 18 epochs of batch 8)
+so that the built-in shapes dataset is learnt in minutes on 2 cores.
 
 Run folder (`--out RUN`): `log.csv` (one row per step, appended as training goes),
 `checkpoint.pt` (after each epoch, atomically; DESIGN.md §3.2; `--resume` continues from it with
@@ -53,24 +54,35 @@ PAPER_RECIPE = {
     "img_size": 600,  # shorter side (COCO "1000×600")
     "max_size": 1000,  # longer side at most
     "batch_size": 16,
+    "optimizer": "sgd",
     "warmup_iters": 500,
     "workers": 4,
     "model_options": {},
 }
-# Small CPU recipe: what a newcomer's laptop can learn the shapes dataset with in a few minutes.
+# Small CPU recipe: what 2 CPU cores can teach the built-in shapes dataset in a few minutes. Nothing
+# pretrained is available offline, so the network learns from scratch: a light backbone (resnet10,
+# trainable BatchNorm), narrow FPN and heads with GroupNorm (both speed up learning from scratch),
+# anchors halved for 160-px images (the shapes are 12-136 px), AdamW (about twice the AP of SGD
+# after the same number of epochs here). Everything else is the paper's recipe.
 CPU_RECIPE = {
-    "backbone": "resnet18",
+    "backbone": "resnet10",
     "img_size": 160,
     "max_size": 160,
     "batch_size": 8,
-    "epochs": 6,
-    "warmup_iters": 100,
-    "workers": 0,  # 2 cores: loading 160-px PNGs in the main process beats competing with it
-    "model_options": {},
+    "epochs": 18,  # AP50 >= 0.6 on shapes val for retinanet and retinanet-conf in < 6 min on 2 cores
+    "optimizer": "adamw",
+    "warmup_iters": 50,
+    "workers": 0,  # 2 cores: decoding 160-px PNGs in the main process beats competing with it
+    "model_options": {"fpn_channels": 64, "num_head_convs": 2, "head_norm": "group",
+                      "anchor_sizes": [16, 32, 64, 128, 256]},
 }
 SIZE_OPTIONS = ("backbone", "img_size", "max_size")
 # Options a resumed run takes from its checkpoint when left unset (None).
-RESUMED_OPTIONS = ("recipe", "backbone", "img_size", "max_size", "epochs", "batch_size", "lr", "warmup_iters", "workers")
+RESUMED_OPTIONS = ("recipe", "model", "backbone", "img_size", "max_size", "epochs", "batch_size", "optimizer", "lr",
+                   "weight_decay", "warmup_iters", "workers")
+OPTIMIZERS = ("sgd", "adamw")
+BASE_LR = {"sgd": 0.01, "adamw": 0.004}  # lr for a batch of 16 images; scaled linearly with the batch
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 
 
 @dataclass
@@ -78,11 +90,11 @@ class TrainConfig:
     # --- recipe ---
     recipe: str | None = None  # "paper" | "cpu"; None: "cpu" on a CPU when no size option is given, else "paper"
     # --- model ---
-    model: str = "retinanet"  # variant: retinanet | retinanet-conf | iou-aware | ... (detector.build_model)
-    backbone: str | None = None  # resnet10/18/34/50/101; None: resnet50 (paper), resnet18 (CPU recipe)
+    model: str | None = None  # retinanet | retinanet-conf | iou-aware; None: retinanet (or the resumed run's)
+    backbone: str | None = None  # resnet10/18/34/50/101; None: resnet50 (paper), resnet10 (CPU recipe)
     pretrained: bool = False  # torchvision's ImageNet weights for the backbone (downloads once)
     backbone_weights: str | None = None  # local file with backbone weights (state dict)
-    model_options: dict = field(default_factory=dict)  # extra keyword options for build_model
+    model_options: dict = field(default_factory=dict)  # extra build_model options (over the recipe's)
     # --- data (COCO layout: DATA/annotations/instances_SPLIT.json, DATA/SPLIT/) ---
     data: str | None = None  # dataset folder
     split: str = "train"  # training split
@@ -96,13 +108,14 @@ class TrainConfig:
     workers: int | None = None  # data-loader processes per training process; None: 4 (paper), 0 (CPU recipe)
     # --- optimisation ---
     out: str = "runs/run"  # run folder: log.csv, checkpoint.pt, eval.json
-    schedule: str = "1x"  # "1x" (12 epochs) or "2x" (24); the lr steps sit at 8/12 and 11/12 of the run
-    epochs: int | None = None  # None: the schedule's (12 or 24), 6 on the CPU recipe
+    schedule: str = "1x"  # "1x" or "2x" (twice the recipe's epochs); the lr steps sit at 8/12 and 11/12 of the run
+    epochs: int | None = None  # None: the schedule's (12 or 24; also 12 in the CPU recipe)
     batch_size: int | None = None  # images per optimizer step, over all processes; None: 16 (paper), 8 (CPU)
-    lr: float | None = None  # None: 0.01 × batch_size / 16 (linear scaling rule)
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-4  # SGD weight decay, on every parameter (as MMDetection)
-    warmup_iters: int | None = None  # linear warm-up length; None: 500 (paper), 100 (CPU); capped at 10% of the run
+    optimizer: str | None = None  # "sgd" (paper: momentum SGD) | "adamw"; None: sgd (paper), adamw (CPU recipe)
+    lr: float | None = None  # None: 0.01 (SGD) or 0.004 (AdamW) × batch_size / 16 (linear scaling rule)
+    momentum: float = 0.9  # SGD momentum (AdamW: unused, betas 0.9, 0.999)
+    weight_decay: float | None = None  # on every parameter (as MMDetection); None: 1e-4 (SGD), 0.05 (AdamW)
+    warmup_iters: int | None = None  # linear warm-up length; None: 500 (paper), 50 (CPU); capped at 10% of the run
     warmup_ratio: float = 0.001  # lr at the first iteration, as a fraction of lr
     grad_clip: float | None = 35.0  # max L2 norm of all gradients (MMDetection's RetinaNet); None: no clipping
     # --- machine ---
@@ -121,33 +134,43 @@ def validate_config(config: TrainConfig) -> None:
     from detector.model import BACKBONES, MODEL_NAMES
 
     checks = [
-        (config.model in MODEL_NAMES, "--model", f"unknown model {config.model!r} (choose from {', '.join(MODEL_NAMES)})"),
+        (config.model is None or config.model in MODEL_NAMES, "--model",
+         f"unknown model {config.model!r} (choose from {', '.join(MODEL_NAMES)})"),
         (config.backbone is None or config.backbone in BACKBONES, "--backbone",
          f"unknown backbone {config.backbone!r} (choose from {', '.join(BACKBONES)})"),
         (config.epochs is None or config.epochs >= 1, "--epochs", f"must be at least 1, got {config.epochs}"),
-        (config.batch_size is None or config.batch_size >= 1, "--batch-size", f"must be at least 1, got {config.batch_size}"),
+        (config.batch_size is None or config.batch_size >= 1, "--batch-size",
+         f"must be at least 1, got {config.batch_size}"),
         (config.lr is None or (math.isfinite(config.lr) and config.lr > 0), "--lr", f"must be > 0, got {config.lr}"),
-        (config.img_size is None or config.img_size >= 32, "--img-size", f"must be at least 32 pixels, got {config.img_size}"),
-        (config.max_size is None or config.max_size >= 32, "--max-size", f"must be at least 32 pixels, got {config.max_size}"),
+        (config.img_size is None or config.img_size >= 32, "--img-size",
+         f"must be at least 32 pixels, got {config.img_size}"),
+        (config.max_size is None or config.max_size >= 32, "--max-size",
+         f"must be at least 32 pixels, got {config.max_size}"),
         (config.img_size is None or config.max_size is None or config.max_size >= config.img_size, "--max-size",
          f"{config.max_size} is smaller than --img-size {config.img_size}"),
         (config.workers is None or config.workers >= 0, "--workers", f"must be 0 or more, got {config.workers}"),
-        (config.recipe in (None, "paper", "cpu"), "recipe", f"unknown recipe {config.recipe!r} (choose from paper, cpu)"),
+        (config.recipe in (None, "paper", "cpu"), "recipe",
+         f"unknown recipe {config.recipe!r} (choose from paper, cpu)"),
         (config.schedule in SCHEDULES, "--schedule", f"unknown schedule {config.schedule!r} (choose from 1x, 2x)"),
+        (config.optimizer is None or config.optimizer in OPTIMIZERS, "--optimizer",
+         f"unknown optimizer {config.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"),
         (0 <= config.momentum < 1, "momentum", f"must be in [0, 1), got {config.momentum}"),
-        (config.weight_decay >= 0, "weight_decay", f"must be >= 0, got {config.weight_decay}"),
-        (config.warmup_iters is None or config.warmup_iters >= 0, "warmup_iters", f"must be >= 0, got {config.warmup_iters}"),
+        (config.weight_decay is None or config.weight_decay >= 0, "--weight-decay",
+         f"must be >= 0, got {config.weight_decay}"),
+        (config.warmup_iters is None or config.warmup_iters >= 0, "warmup_iters",
+         f"must be >= 0, got {config.warmup_iters}"),
         (0 < config.warmup_ratio <= 1, "warmup_ratio", f"must be in (0, 1], got {config.warmup_ratio}"),
         (config.grad_clip is None or config.grad_clip > 0, "grad_clip", f"must be > 0, got {config.grad_clip}"),
-        (config.device in DEVICE_CHOICES, "--device", f"unknown device {config.device!r} (choose from auto, cpu, cuda)"),
+        (config.device in DEVICE_CHOICES, "--device",
+         f"unknown device {config.device!r} (choose from auto, cpu, cuda)"),
         (config.amp in AMP_CHOICES, "--amp", f"unknown mode {config.amp!r} (choose from none, bf16, fp16)"),
         (config.eval_batch_size >= 1, "eval_batch_size", f"must be at least 1, got {config.eval_batch_size}"),
         (not (config.pretrained and config.backbone_weights), "--backbone-weights",
          "give --pretrained or --backbone-weights, not both"),
         (config.backbone_weights is None or Path(config.backbone_weights).is_file(), "--backbone-weights",
          f"{config.backbone_weights}: no such file"),
-        (config.data is not None or (config.ann is not None and config.images is not None) or config.resume is not None,
-         "--data", "give --data DIR (or --ann FILE and --images DIR)"),
+        (config.data is not None or (config.ann is not None and config.images is not None)
+         or config.resume is not None, "--data", "give --data DIR (or --ann FILE and --images DIR)"),
     ]
     for ok, option, problem in checks:
         if not ok:
@@ -175,7 +198,7 @@ def resolve_defaults(config: TrainConfig, device: torch.device, previous: dict |
     """Fill every option left None: from `previous` (a resumed run's options), else from the recipe.
 
     The recipe is CPU_RECIPE on a CPU when no size option is given, else PAPER_RECIPE. lr follows the
-    linear scaling rule 0.01 × batch_size / 16 unless given.
+    linear scaling rule BASE_LR[optimizer] × batch_size / 16 unless given.
     """
     values = dataclasses.asdict(config)
     if previous is not None:
@@ -190,10 +213,14 @@ def resolve_defaults(config: TrainConfig, device: torch.device, previous: dict |
             values[name] = {**value, **values[name]}
         elif values.get(name) is None:
             values[name] = value
-    if values["epochs"] is None:
-        values["epochs"] = SCHEDULES[values["schedule"]]
+    if values["model"] is None:
+        values["model"] = "retinanet"
+    if values["epochs"] is None:  # the recipe's epochs are its 1x schedule; 2x doubles them
+        values["epochs"] = recipe.get("epochs", 12) * SCHEDULES[values["schedule"]] // 12
     if values["lr"] is None:
-        values["lr"] = 0.01 * values["batch_size"] / 16
+        values["lr"] = BASE_LR[values["optimizer"]] * values["batch_size"] / 16
+    if values["weight_decay"] is None:
+        values["weight_decay"] = DEFAULT_WEIGHT_DECAY[values["optimizer"]]
     if device.type == "cpu" and values["amp"] != "none":
         raise InputError(f"--amp: {values['amp']} autocast needs a GPU; use --amp none on CPU")
     return TrainConfig(**values)
@@ -391,7 +418,7 @@ def check_resume_options(config: TrainConfig, checkpoint: dict, path) -> None:
     """InputError when the options given ask for another model than the checkpoint's (name, backbone,
     sizes, model options): a resumed model is rebuilt from the checkpoint's config alone."""
     saved = checkpoint["config"]
-    if saved.get("name") != config.model:
+    if config.model is not None and saved.get("name") != config.model:
         raise InputError(f"--resume: {path} is a {saved.get('name')!r} checkpoint, not {config.model!r}")
     asked = {"backbone": config.backbone, "img_size": config.img_size, "max_size": config.max_size,
              **config.model_options}
@@ -523,7 +550,7 @@ class StepLog:
                 self.columns = list(row)
                 csv.writer(self._file).writerow(self.columns)
             self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
-        self._writer.writerow({key: (f"{value:.6g}" if isinstance(value, float) else value) for key, value in row.items()})
+        self._writer.writerow({key: f"{v:.6g}" if isinstance(v, float) else v for key, v in row.items()})
         self._file.flush()
 
     def close(self) -> None:
@@ -603,6 +630,14 @@ def evaluate(model, dataset, ann_path=None, *, batch_size: int = 8, device="cpu"
 
 
 # --- the loop -------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's) or AdamW, over the trainable parameters, weight decay on all of them."""
+    params = [param for param in model.parameters() if param.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def make_schedule(config: TrainConfig, num_iters_per_epoch: int) -> dict:
@@ -689,8 +724,8 @@ def _resolve_run_config(config: TrainConfig, ctx: DistContext, checkpoint: dict 
     if config.batch_size % ctx.world_size:
         raise InputError(f"--batch-size: {config.batch_size} images do not split over {ctx.world_size} processes")
     if ctx.is_main:
-        logger.info("recipe: %s (%s, %d px max %d, %d epochs, batch %d, lr %g)", config.recipe, config.backbone,
-                    config.img_size, config.max_size, config.epochs, config.batch_size, config.lr)
+        logger.info("recipe: %s (%s, %d px max %d, %d epochs, batch %d, %s lr %g)", config.recipe, config.backbone,
+                    config.img_size, config.max_size, config.epochs, config.batch_size, config.optimizer, config.lr)
     return config
 
 
@@ -724,9 +759,10 @@ def _start_run(config: TrainConfig, ctx: DistContext) -> _Run:
     dataset, _ = load_train_dataset(config, category_ids)
 
     seed_everything(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_training_model(config, len(dataset.category_ids), checkpoint).to(ctx.device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    model = build_training_model(config, len(dataset.category_ids), checkpoint)
+    # channels_last: oneDNN (CPU) and tensor cores (GPU) run convolutions faster on NHWC (~20% on 2 cores).
+    model = model.to(ctx.device, memory_format=torch.channels_last).train()
+    optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp == "fp16")
     schedule = make_schedule(config, iters_per_epoch(len(dataset), config.batch_size, ctx.world_size))
     run = _Run(config, ctx, dataset, model, optimizer, scaler, schedule)

@@ -107,13 +107,16 @@ def test_cpu_recipe_without_size_options():
             assert config.model_options == value
         else:
             assert getattr(config, name) == value, name
-    assert config.lr == pytest.approx(0.01 * CPU_RECIPE["batch_size"] / 16)
+    assert config.optimizer == "adamw" and config.weight_decay == 0.05
+    assert config.lr == pytest.approx(0.004 * CPU_RECIPE["batch_size"] / 16)
+    assert config.recipe == "cpu"
 
 
 def test_paper_recipe_when_a_size_option_is_given_or_on_gpu():
     config = resolve_defaults(TrainConfig(data="d", img_size=800), torch.device("cpu"))
     assert (config.backbone, config.img_size, config.max_size) == ("resnet50", 800, PAPER_RECIPE["max_size"])
     assert (config.epochs, config.batch_size, config.lr, config.warmup_iters) == (12, 16, 0.01, 500)
+    assert (config.optimizer, config.weight_decay, config.recipe) == ("sgd", 1e-4, "paper")
     gpu = resolve_defaults(TrainConfig(data="d", schedule="2x", batch_size=8), torch.device("cuda"))
     assert (gpu.backbone, gpu.img_size, gpu.max_size, gpu.epochs) == ("resnet50", 600, 1000, 24)
     assert gpu.lr == pytest.approx(0.005)  # linear scaling rule
@@ -156,6 +159,7 @@ def test_epoch_generator_depends_on_seed_epoch_rank_only():
         (["--amp", "fp8"], "unknown mode 'fp8'"),
         (["--device", "cpu", "--amp", "bf16"], "--amp: bf16 autocast needs a GPU"),
         (["--schedule", "3x"], "unknown schedule '3x'"),
+        (["--optimizer", "adam"], "unknown optimizer 'adam'"),
         (["-o", "fpn_channels"], "--model-option: expected KEY=VALUE"),
         (["--backbone-weights", "/no/such/weights.pth"], "no such file"),
     ],
@@ -252,9 +256,10 @@ def _stop_after_first_checkpoint(monkeypatch):
     return Crash
 
 
-def test_resume_continues_exactly(shapes_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_continues_exactly(shapes_dataset, tmp_path, monkeypatch, optimizer):
     # workers=1: the data-loader worker seeds must come back too; flips draw from torch's RNG.
-    options = dict(epochs=2, workers=1, val_split=None, model="retinanet-conf")
+    options = dict(epochs=2, workers=1, val_split=None, model="retinanet-conf", optimizer=optimizer)
     straight = train(tiny_config(shapes_dataset, tmp_path / "straight", **options))
 
     crash = _stop_after_first_checkpoint(monkeypatch)
@@ -262,17 +267,16 @@ def test_resume_continues_exactly(shapes_dataset, tmp_path, monkeypatch):
         train(tiny_config(shapes_dataset, tmp_path / "resumed", **options))
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 1
-    # The resumed run takes every unset option from the checkpoint (data, sizes, batch, model options).
+    # The resumed run takes every unset option from the checkpoint (model, data, sizes, batch, optimizer).
     resumed = train(TrainConfig(out=str(tmp_path / "resumed"), resume=str(tmp_path / "resumed" / "checkpoint.pt"),
-                                model="retinanet-conf", workers=1, val_split=None, device="cpu"))
+                                workers=1, val_split=None, device="cpu"))
 
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(resumed / "checkpoint.pt")
     assert (b["epoch"], b["step"]) == (a["epoch"], a["step"]) == (2, 6)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
-    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
-    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b))
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(state_a[key], state_b[key]) for key in state_a)  # momentum / Adam moments
     # Same batches, same lr, same losses, step by step (images/s aside).
     rows_a, rows_b = read_log(straight / "log.csv"), read_log(resumed / "log.csv")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
