@@ -247,7 +247,7 @@ def report(dumps, out, before_after_nms, names, gt, min_iou, num_images, bootstr
 @main.command("demo")
 @click.option("--out", default="demo", show_default=True, type=click.Path(), help="Folder for the dataset, runs, dumps and report.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", type=int, help="DataLoader worker processes [each step's default].")
 def demo(out, device, workers) -> None:
     """Train two detectors on shapes, dump, and compare them.
 

@@ -20,8 +20,12 @@ log = logging.getLogger(__name__)
 DEMO_MODELS = ("retinanet", "retinanet-conf")
 
 
-def run_demo(out: str | Path, *, device: str = "auto", workers: int = 2, seed: int = 0) -> Path:
-    """Run (or finish) the demo under `out`; returns the report's index.html."""
+def run_demo(out: str | Path, *, device: str = "auto", workers: int | None = None, seed: int = 0) -> Path:
+    """Run (or finish) the demo under `out`; returns the report's index.html.
+
+    workers: DataLoader processes; None leaves it to each step (the CPU training recipe loads in
+    the main process, which is faster on 2 cores).
+    """
     out = Path(out)
     data = out / "shapes"
     if (data / "annotations" / "instances_val.json").is_file():
@@ -38,7 +42,7 @@ def run_demo(out: str | Path, *, device: str = "auto", workers: int = 2, seed: i
         else:
             log.info("[3/4] dump %s on shapes val -> %s", name, ledger)
             dump(DumpConfig(ckpt=str(run / "checkpoint.pt"), out=str(ledger), data=str(data), split="val",
-                            device=device, workers=workers, raw_images=4))
+                            device=device, workers=0 if workers is None else workers, raw_images=4))
         dumps.append(ledger)
     log.info("[4/4] report comparing %s", ", ".join(DEMO_MODELS))
     from reports import write_report
@@ -46,7 +50,7 @@ def run_demo(out: str | Path, *, device: str = "auto", workers: int = 2, seed: i
     return write_report([str(d) for d in dumps], str(out / "report"), before_after_nms=True)
 
 
-def _train_once(name: str, data: Path, run: Path, device: str, workers: int, seed: int, label: str) -> None:
+def _train_once(name: str, data: Path, run: Path, device: str, workers: int | None, seed: int, label: str) -> None:
     if (run / "eval.json").is_file():
         log.info("%s: %s (already trained)", label, run)
         return
