@@ -61,7 +61,7 @@ class DumpView:
     has_raw: bool  # raw_counts / anchors stages present
     histograms: dict = field(default_factory=dict)  # score column -> {"pre_nms": [b, b] | None, "post_nms": [b, b]}
     quadrants: dict = field(default_factory=dict)  # score column -> misalign.counts.quadrant_counts frame
-    shown_ids: np.ndarray | None = None  # [N] image ids shown one by one (the first dump's first N images)
+    shown_ids: np.ndarray | None = None  # [N] image ids shown one by one (the first dump's first N with gt)
     shown_rows: pd.DataFrame | None = None  # candidates of the shown images (Figure 1 scatters)
     rescoring: object = None  # misalign.rescore.RescoreResult (--rescore); None when not rescored
     rescore_note: str | None = None  # why it could not be rescored (post-NMS only, no nms_thresh)
@@ -144,6 +144,17 @@ def _ground_truth_path(config: ReportConfig, folders, metas) -> Path:
 # analysis (misalign computes, this only collects)
 
 
+def images_to_show(images: pd.DataFrame, num_images: int) -> np.ndarray:
+    """[<= num_images] ids of the images shown one by one: the first ones with ground truth.
+
+    An image without any object has nothing to misalign, so it would show an empty panel; images
+    without ground truth fill in only when too few have some.
+    """
+    with_gt = images["num_gt"].to_numpy() > 0
+    order = np.concatenate([np.flatnonzero(with_gt), np.flatnonzero(~with_gt)])[:num_images]
+    return images["image_id"].to_numpy(np.int64)[np.sort(order)]
+
+
 def _view(ledger, analysis, name: str, shown_ids) -> DumpView:
     """The figure inputs of one analysed ledger: histograms, quadrant counts, rows of shown images."""
     from misalign import counts
@@ -181,7 +192,7 @@ def analyse_dumps(dumps, config: ReportConfig) -> tuple[list[DumpView], Path]:
     check_same_dataset(folders, metas, image_sets, gt_given=bool(config.gt))
     gt_path = _ground_truth_path(config, folders, metas)
     coco_gt = load_ground_truth(gt_path)
-    shown_ids = image_tables[0]["image_id"].to_numpy(np.int64)[: config.num_images]
+    shown_ids = images_to_show(image_tables[0], config.num_images)
     views = []
     for folder, name in zip(folders, names):
         ledger = read_ledger(folder, columns=ANALYSIS_COLUMNS)

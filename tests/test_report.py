@@ -432,3 +432,12 @@ def test_synthetic_ledger_is_deterministic(tmp_path):
     a = pd.read_parquet(tmp_path / "a" / "candidates.parquet")
     b = pd.read_parquet(tmp_path / "b" / "candidates.parquet")
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_images_shown_one_by_one_are_the_first_with_ground_truth():
+    from reports.build import images_to_show
+
+    images = pd.DataFrame({"image_id": [10, 11, 12, 13, 14], "num_gt": [0, 3, 0, 1, 2]})
+    assert images_to_show(images, 2).tolist() == [11, 13]  # skips the empty images 10 and 12
+    # too few images with ground truth: the earliest empty ones fill in, in file order
+    assert images_to_show(images, 4).tolist() == [10, 11, 13, 14]
