@@ -34,6 +34,7 @@ from misalign.truth import CLS_THRESHOLDS, IOU_THRESHOLDS, match_truth
 log = logging.getLogger(__name__)
 
 POS_ANCHOR_IOU = 0.5  # an anchor with IoU >= this to a non-crowd gt is positive (Positive_NUM)
+FLUSH_IMAGES = 64  # images buffered per Parquet row group: bounded memory, few large writes
 
 
 @dataclass
@@ -86,7 +87,7 @@ def dump(config: DumpConfig) -> Path:
 
 def _write_batches(writer, model, loader, gt, category_ids, device, config) -> dict[int, tuple[int, int]]:
     """Run the model over `loader`, appending each image's rows; returns image id -> anchor counts."""
-    anchor_counts = {}
+    anchor_counts, pending = {}, []
     with tqdm(total=len(loader.dataset), desc="dump", unit="img", dynamic_ncols=True) as bar:
         for images, targets in loader:
             images = [image.to(device, non_blocking=True) for image in images]
@@ -95,13 +96,22 @@ def _write_batches(writer, model, loader, gt, category_ids, device, config) -> d
             for output, target in zip(outputs, targets):
                 image_id = target["image_id"]
                 rows = image_rows(output, target, gt[image_id], category_ids, with_raw=bar.n < config.raw_images)
-                writer.add_candidates(rows["candidates"])
-                writer.add_raw_counts(rows["raw_counts"])
-                if "raw" in rows:
-                    writer.add_raw(rows["raw"])
-                anchor_counts[image_id] = rows["anchors"]
+                anchor_counts[image_id] = rows.pop("anchors")
+                pending.append(rows)
                 bar.update(1)
+            if len(pending) >= FLUSH_IMAGES:
+                _flush(writer, pending)
+        _flush(writer, pending)
     return anchor_counts
+
+
+def _flush(writer: LedgerWriter, pending: list[dict]) -> None:
+    """Append the buffered images' rows as one row group per file (per-image groups are slow to write)."""
+    for name, add in (("candidates", writer.add_candidates), ("raw_counts", writer.add_raw_counts), ("raw", writer.add_raw)):
+        frames = [rows[name] for rows in pending if name in rows]
+        if frames:
+            add(pd.concat(frames, ignore_index=True))
+    pending.clear()
 
 
 def image_rows(output: dict, target: dict, gt: dict, category_ids: list[int], with_raw: bool = False) -> dict:
