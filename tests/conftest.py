@@ -51,3 +51,15 @@ def shapes_dataset(tmp_path_factory) -> Path:
     from detector.shapes import write_shapes_dataset
 
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes") / "shapes", num_train=12, num_val=6, image_size=96, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests' models are tiny: a second thread gains nothing, and on a busy 2-core machine two
+    threads per process crawl."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -63,15 +63,6 @@ def run_cli(args):
     return result.exit_code, errors[0] if errors else ""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and two threads on a busy 2-core machine crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained_run(shapes_dataset, tmp_path_factory) -> Path:
     """One tiny retinanet-conf run of 1 epoch (3 steps), with evaluation on the 6 val images."""

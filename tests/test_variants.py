@@ -27,15 +27,6 @@ TINY = dict(backbone="resnet10", img_size=64, max_size=96, fpn_channels=16, num_
 NEW_VARIANTS = ("dr-loss", "harmonized", "dc-loss", "iac-assign", "cl-nms")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run fastest on one thread; two threads crawl on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images_and_targets():
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 64, 80, generator=g), torch.rand(3, 72, 64, generator=g)]
