@@ -5,9 +5,11 @@ Target (issue 4): dump time <= 1.10 x inference time. Each phase runs in a fresh
 
     .venv/bin/python bench/dump_vs_inference.py                        # shapes val, random weights
     .venv/bin/python bench/dump_vs_inference.py --ckpt RUN/checkpoint.pt --data DATA --split val
+    .venv/bin/python bench/dump_vs_inference.py --recipe paper --num-images 16   # resnet50, 600 px
     .venv/bin/python bench/dump_vs_inference.py --device cuda --batch-size 8 --amp
 
-Without --ckpt it builds the CPU-default RetinaNet-Conf with random weights and a classifier
+Without --ckpt it builds RetinaNet-Conf (the CPU recipe's or, with --recipe paper, the paper's
+ResNet-50 at 600 px) with random weights and a classifier
 prior of 0.2, so that, as with a trained model, many pairs pass score_thresh and every level
 fills its top-k: the ledger's work is then at its largest.
 """
@@ -89,12 +91,13 @@ def make_inputs(args, tmp: Path) -> None:
 
         from detector import build_model
         from detector.checkpoint import save_checkpoint
-        from detector.train import CPU_RECIPE
+        from detector.train import CPU_RECIPE, PAPER_RECIPE
 
         ann = Path(args.data) / "annotations" / f"instances_{args.split}.json"
         category_ids = sorted(c["id"] for c in _json.loads(ann.read_text())["categories"])
-        options = {key: CPU_RECIPE[key] for key in ("backbone", "img_size", "max_size")}
-        options.update(CPU_RECIPE["model_options"], prior_prob=0.2)
+        recipe = PAPER_RECIPE if args.recipe == "paper" else CPU_RECIPE
+        options = {key: recipe[key] for key in ("backbone", "img_size", "max_size")}
+        options.update(recipe["model_options"], prior_prob=0.2)
         torch.manual_seed(0)
         model = build_model("retinanet-conf", num_classes=len(category_ids), **options)
         args.ckpt = str(tmp / "checkpoint.pt")
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--ckpt"), parser.add_argument("--data"), parser.add_argument("--split", default="val")
     parser.add_argument("--num-images", type=int, default=100, help="shapes val images when --data is not given")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--recipe", choices=["cpu", "paper"], default="cpu",
+                        help="model built without --ckpt: the CPU recipe's (resnet10, 160 px) or the paper's (resnet50, 600 px)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
