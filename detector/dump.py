@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from detector.checkpoint import load_checkpoint
@@ -29,7 +28,7 @@ from misalign.coco import annotation_arrays, load_coco_json, resolve_dataset
 from misalign.errors import InputError
 from misalign.io import atomic_dir
 from misalign.ledger import LedgerWriter
-from misalign.truth import CLS_THRESHOLDS, IOU_THRESHOLDS, match_truth
+from misalign.truth import match_truth, max_iou_any, raw_counts_rows
 
 log = logging.getLogger(__name__)
 
@@ -142,62 +141,35 @@ def image_rows(output: dict, target: dict, gt: dict, category_ids: list[int], wi
         "suppressed_by": cand["suppressed_by"].numpy(),
         "iou": iou, "gt_id": gt_id, "iou_any": iou_any,
     })
-    gt_boxes = torch.as_tensor(gt["boxes"][~gt["iscrowd"]], dtype=torch.float64)  # [M, 4] non-crowd
-    raw_boxes = output["raw_boxes"].double().cpu() / scale  # [A, 4]
-    anchors = output["anchors"].double().cpu() / scale  # [A, 4]
-    raw_iou = max_iou(raw_boxes, gt_boxes)  # [A]
-    anchor_iou = max_iou(anchors, gt_boxes)  # [A]
-    raw_cls = output["raw_cls"].float().cpu()  # [A]
+    raw_boxes = (output["raw_boxes"].double().cpu() / scale).numpy()  # [A, 4] original pixels
+    anchors = (output["anchors"].double().cpu() / scale).numpy()  # [A, 4]
+    raw_iou = max_iou_any(raw_boxes, gt["boxes"], gt["iscrowd"])  # [A]
+    anchor_iou = max_iou_any(anchors, gt["boxes"], gt["iscrowd"])  # [A]
+    raw_cls = output["raw_cls"].float().cpu().numpy()  # [A]
     rows = {
         "candidates": candidates,
-        "raw_counts": raw_count_frame(target["image_id"], raw_cls, raw_iou, anchor_iou),
-        "anchors": (len(anchors), int((anchor_iou >= POS_ANCHOR_IOU).sum())),
+        "raw_counts": raw_counts_rows(target["image_id"], raw_cls, raw_iou, anchor_iou),
+        "anchors": (len(anchors), int((anchor_iou >= np.float32(POS_ANCHOR_IOU)).sum())),
     }
     if with_raw:
         rows["raw"] = _raw_frame(output, target["image_id"], raw_boxes, anchors, anchor_iou, gt, category_ids)
     return rows
 
 
-def max_iou(boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
-    """[A, 4], [M, 4] xyxy -> [A] float32 max IoU of each box with any of `gt_boxes` (0 if none)."""
-    if len(gt_boxes) == 0:
-        return torch.zeros(len(boxes), dtype=torch.float32)
-    return box_iou(boxes, gt_boxes).max(dim=1).values.float()
-
-
-def raw_count_frame(image_id: int, raw_cls: torch.Tensor, raw_iou: torch.Tensor, anchor_iou: torch.Tensor) -> pd.DataFrame:
-    """raw_counts rows of one image: stage 'raw' (cls, iou) and 'anchors' (iou), strict `>` counts.
-
-    Same semantics as `misalign.truth.raw_counts_rows` (float32 values against float32 thresholds),
-    counted with one comparison per threshold instead of a sort: A is ~10^5 anchors per COCO image.
-    """
-    parts = [("raw", "cls", CLS_THRESHOLDS, raw_cls), ("raw", "iou", IOU_THRESHOLDS, raw_iou),
-             ("anchors", "iou", IOU_THRESHOLDS, anchor_iou)]
-    frames = []
-    for stage, quantity, thresholds, values in parts:
-        limits = torch.tensor(thresholds, dtype=torch.float32)  # [T]
-        counts = (values.float()[:, None] > limits[None, :]).sum(dim=0)  # [T]
-        frames.append(pd.DataFrame({"stage": stage, "quantity": quantity,
-                                    "threshold": np.asarray(thresholds, np.float64), "count": counts.numpy()}))
-    frame = pd.concat(frames, ignore_index=True)
-    frame.insert(0, "image_id", np.int64(image_id))
-    return frame
-
-
 def _raw_frame(output, image_id, raw_boxes, anchors, anchor_iou, gt, category_ids) -> pd.DataFrame:
     """raw.parquet rows of one image: every anchor's decoded box, best class, scores and IoUs."""
-    boxes = raw_boxes.numpy()
+    boxes = raw_boxes
     category = np.asarray(category_ids, dtype=np.int64)[output["raw_label"].cpu().numpy()]
     iou, gt_id, iou_any = match_truth(boxes, category, gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"])
     level = output["raw_level"].cpu().numpy() if "raw_level" in output else np.full(len(boxes), -1)
-    anchor_boxes = anchors.numpy()
+    anchor_boxes = anchors
     return pd.DataFrame({
         "image_id": np.int64(image_id), "anchor_idx": np.arange(len(boxes), dtype=np.int32), "level": level,
         "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
         "category_id": category, "cls_score": output["raw_cls"].float().cpu().numpy(),
         "obj_score": output["raw_obj"].float().cpu().numpy(), "iou": iou, "gt_id": gt_id, "iou_any": iou_any,
         "anchor_x1": anchor_boxes[:, 0], "anchor_y1": anchor_boxes[:, 1],
-        "anchor_x2": anchor_boxes[:, 2], "anchor_y2": anchor_boxes[:, 3], "anchor_iou": anchor_iou.numpy(),
+        "anchor_x2": anchor_boxes[:, 2], "anchor_y2": anchor_boxes[:, 3], "anchor_iou": anchor_iou,
     })
 
 

@@ -337,8 +337,6 @@ def table1_tables(views, config, palette) -> list[Table]:
     tables = []
     for v in views:
         frame = v.analysis.table1(image_ids=v.shown_ids)
-        if not v.pre_nms:
-            frame = frame.drop(index="pre_nms", level="stage", errors="ignore")
         csv = frame.reset_index()
         shown = csv.copy()
         shown["stage"] = shown["stage"].map(dict(STAGE_NAMES)).fillna(shown["stage"])
