@@ -195,3 +195,28 @@ def test_an_interrupted_dump_keeps_the_old_ledger(tmp_path, shapes_dataset, dump
         dump(DumpConfig(ckpt=str(ckpt), out=str(out), data=str(shapes_dataset), workers=0))
     assert (out / "marker").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["ledger"]  # no partial folder left behind
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topk", "0"], "--topk: 0 must be at least 1"),
+    (["--nms-thresh", "1.5"], "--nms-thresh: 1.5 must be in (0, 1]"),
+    (["--score-thresh", "-0.1"], "--score-thresh: -0.1 must be in [0, 1)"),
+    (["--alpha", "2"], "--alpha: 2.0 must be in [0, 1]"),
+    (["--limit", "0"], "--limit: 0 must be at least 1"),
+])
+def test_options_out_of_range_give_one_line(args, message, dumped, shapes_dataset, tmp_path):
+    ckpt, _ = dumped
+    result = CliRunner().invoke(main, ["dump", "--ckpt", str(ckpt), "--data", str(shapes_dataset),
+                                       "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_without_a_gpu_gives_one_line(dumped, shapes_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ckpt, _ = dumped
+    result = CliRunner().invoke(main, ["dump", "--ckpt", str(ckpt), "--data", str(shapes_dataset),
+                                       "--out", str(tmp_path / "out"), "--device", "cuda"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --device cuda: no CUDA device is available"
