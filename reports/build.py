@@ -434,7 +434,7 @@ def figure1_groups(views, config, palette, shown_ids) -> tuple[list[dict], list[
         figs = [
             _figure(f"figure1_{col}_images", F.figure_score_iou_images(frames, shown_ids, col, palette,
                                                                         post_only=post_only, seed=config.seed), (
-                f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split), before NMS "
+                f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground truth), before NMS "
                 f"(top) and after NMS (bottom); one colour per detector, like the paper's Figure 1.",
                 f"Dashed lines mark 0.5; points in the shaded corner are well localised (IoU > 0.5) but scored "
                 f"{short} < 0.5 — boxes NMS tends to discard in favour of higher-scored, worse boxes."),
