@@ -246,17 +246,27 @@ def report(dumps, out, before_after_nms, names, gt, min_iou, num_images, bootstr
 
 @main.command("demo")
 @click.option("--out", default="demo", show_default=True, type=click.Path(), help="Folder for the dataset, runs, dumps and report.")
+@click.option("--models", default="retinanet,retinanet-conf", show_default=True,
+              help="Comma-separated detectors to train and compare, or 'all' for every variant (the zoo).")
+@click.option("--rescore", is_flag=True, help="Add the counterfactual rescoring (Table 5, AP lost to misalignment).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", type=int, help="DataLoader worker processes [each step's default].")
-def demo(out, device, workers) -> None:
-    """Train two detectors on shapes, dump, and compare them.
+def demo(out, models, rescore, device, workers) -> None:
+    """Train detectors on shapes, dump, and compare them.
 
     Shapes dataset -> train RetinaNet and RetinaNet-Conf -> dump both -> comparison report.
-    Re-running reuses every finished step.
+    Re-running reuses every finished step. The zoo of docs/methods.md is
+    `misalign demo --models all --rescore --out zoo`.
     """
     from detector.demo import run_demo
+    from detector.model import MODEL_NAMES
 
-    index = run_demo(out, device=device, workers=workers)
+    names = MODEL_NAMES if models.strip() == "all" else tuple(m.strip() for m in models.split(",") if m.strip())
+    unknown = [m for m in names if m not in MODEL_NAMES]
+    if unknown or not names:
+        raise InputError(f"--models: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
+                         f"choose from {', '.join(MODEL_NAMES)} or 'all'")
+    index = run_demo(out, models=names, rescore=rescore, device=device, workers=workers)
     click.echo(f"report: {index}")
 
 

@@ -4,8 +4,12 @@ The steps themselves (shapes, train, dump, report) have their own tests; here th
 recorders that write the files each real step would leave behind.
 """
 
+from click.testing import CliRunner
+
 import detector.demo as demo
 import reports
+from cli import main
+from detector.model import MODEL_NAMES
 
 
 def _install_recorders(monkeypatch, calls):
@@ -27,7 +31,8 @@ def _install_recorders(monkeypatch, calls):
         calls.append(("dump", demo.Path(config.out).name, demo.Path(config.ckpt).parent.name))
 
     def write_report(dumps, out, **options):
-        calls.append(("report", tuple(demo.Path(d).name for d in dumps), options["before_after_nms"]))
+        calls.append(("report", tuple(demo.Path(d).name for d in dumps), options["before_after_nms"],
+                      options["rescore"]))
         return demo.Path(out) / "index.html"
 
     monkeypatch.setattr(demo, "write_shapes_dataset", shapes)
@@ -44,7 +49,7 @@ def test_first_run_does_every_step_in_order(tmp_path, monkeypatch):
         ("shapes", "shapes"),
         ("train", "retinanet", False), ("dump", "retinanet", "retinanet"),
         ("train", "retinanet-conf", False), ("dump", "retinanet-conf", "retinanet-conf"),
-        ("report", ("retinanet", "retinanet-conf"), True),
+        ("report", ("retinanet", "retinanet-conf"), True, False),
     ]
     assert index == tmp_path / "report" / "index.html"
 
@@ -60,5 +65,31 @@ def test_rerun_reuses_finished_steps_and_resumes_an_interrupted_run(tmp_path, mo
     assert calls == [
         ("train", "retinanet-conf", True),
         ("dump", "retinanet-conf", "retinanet-conf"),
-        ("report", ("retinanet", "retinanet-conf"), True),
+        ("report", ("retinanet", "retinanet-conf"), True, False),
     ]
+
+
+def test_the_zoo_trains_dumps_and_rescores_every_variant(tmp_path, monkeypatch):
+    calls = []
+    _install_recorders(monkeypatch, calls)
+    result = CliRunner().invoke(main, ["demo", "--models", "all", "--rescore", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert [c[1] for c in calls if c[0] == "train"] == list(MODEL_NAMES)
+    assert [(c[1], c[2]) for c in calls if c[0] == "dump"] == [(name, name) for name in MODEL_NAMES]
+    assert calls[-1] == ("report", MODEL_NAMES, True, True)
+
+
+def test_a_chosen_subset_keeps_its_order(tmp_path, monkeypatch):
+    calls = []
+    _install_recorders(monkeypatch, calls)
+    result = CliRunner().invoke(main, ["demo", "--models", "cl-nms, dr-loss", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert calls[-1] == ("report", ("cl-nms", "dr-loss"), True, False)
+
+
+def test_unknown_models_give_one_line_and_touch_nothing(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--models", "retinanet,fcos", "--out", str(tmp_path / "zoo")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --models: unknown 'fcos'; choose from retinanet, ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "zoo").exists()
