@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo zoo test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/misalign demo --out demo
 
+# Every variant trained with the CPU defaults, dumped, and compared with the counterfactual
+# rescoring (docs/methods.md, "Zoo results"): about an hour on two cores, resumable.
+zoo: $(STAMP)
+	$(BIN)/misalign demo --models all --rescore --out zoo
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) demo
+	rm -rf $(VENV) demo zoo

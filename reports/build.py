@@ -548,17 +548,19 @@ def rescoring_section(views, config, palette) -> dict | None:
     """The 'Counterfactual rescoring' section: notes on what could not be computed, the table, the α plot."""
     if not config.rescore:
         return None
-    notes = []
+    notes, obj_missing = [], {}  # obj_missing: why obj rankings were skipped -> the dumps it applies to
     for v in views:
         if v.rescoring is None:
             notes.append(f"{v.name}: not rescored, {v.rescore_note}.")
             continue
         if v.rescoring.skipped:
-            notes.append(f"{v.name}: {next(iter(v.rescoring.skipped.values()))}, so only its cls and oracle rankings "
-                         "are computed (no obj, cls·obj or α rows, no curve in the plot).")
+            obj_missing.setdefault(next(iter(v.rescoring.skipped.values())), []).append(v.name)
         if v.rescoring.settings.get("max_det_source") == "default":
             notes.append(f"{v.name}: meta.json records no max_det; NMS survivors were cut at "
                          f"{v.rescoring.settings['max_det']} per image (COCO's maxDets).")
+    for reason, names in obj_missing.items():  # one note per reason: a zoo has many models without the branch
+        notes.append(f"{', '.join(names)}: {reason}, so only the cls and oracle rankings are computed "
+                     "(no obj, cls·obj or α rows, no curve in the plot).")
     rescored = [v for v in views if v.rescoring is not None]
     section = {"notes": notes, "table": None, "figure": None, "alphas": ", ".join(f"{a:g}" for a in config.alphas)}
     if not rescored:

@@ -32,12 +32,13 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def ledgers(tmp_path_factory):
-    """One split, three dumps: conf (obj_score), base (no obj_score), post (post-NMS only)."""
+    """One split, four dumps: conf (obj_score), base and base2 (no obj_score), post (post-NMS only)."""
     root = tmp_path_factory.mktemp("rescore")
     gt = synthetic_ledger(root / "conf", seed=3, gt_path=root / "gt.json", **SIZES)
     synthetic_ledger(root / "base", seed=4, gt_path=gt, with_obj=False, **SIZES)
+    synthetic_ledger(root / "base2", seed=6, gt_path=gt, with_obj=False, **SIZES)
     synthetic_ledger(root / "post", seed=5, gt_path=gt, post_nms_only=True, **SIZES)
-    return {"root": root, "gt": gt, **{k: root / k for k in ("conf", "base", "post")}}
+    return {"root": root, "gt": gt, **{k: root / k for k in ("conf", "base", "base2", "post")}}
 
 
 @pytest.fixture(scope="module")
@@ -317,13 +318,13 @@ def test_post_nms_only_ledger_is_refused_with_its_reason(ledgers):
 
 def test_report_rescore_section_metrics_and_csv(ledgers, conf):
     out = ledgers["root"] / "report"
-    result = run("report", ledgers["conf"], ledgers["base"], ledgers["post"], "--out", out, "--rescore",
+    result = run("report", ledgers["conf"], ledgers["base"], ledgers["post"], ledgers["base2"], "--out", out, "--rescore",
                  "--alphas", "0,0.4,0.9", "--bootstrap", "0", "--images", "1")
     assert result.exit_code == 0, (result.output, result.exception)
     metrics = json.loads((out / "metrics.json").read_text())["detectors"]
     alphas = ["alpha=0", "alpha=0.4", "alpha=0.9"]
     assert list(metrics["conf"]["rescoring"]) == ["cls", "obj", "cls*obj", *alphas, "oracle"]
-    assert list(metrics["base"]["rescoring"]) == ["cls", "oracle"]
+    assert list(metrics["base"]["rescoring"]) == list(metrics["base2"]["rescoring"]) == ["cls", "oracle"]
     assert metrics["post"]["rescoring"] == {} and metrics["post"]["ap_lost_to_misalignment"] is None
     _, library = conf  # the library's numbers, passed through unchanged
     for name, m in metrics.items():
@@ -337,21 +338,24 @@ def test_report_rescore_section_metrics_and_csv(ledgers, conf):
             assert m["ap_lost_to_misalignment"] == pytest.approx(lost, abs=1e-12)
     # the table's CSV agrees with metrics.json
     table = pd.read_csv(out / "tables" / "rescoring.csv")
-    assert set(table["detector"]) == {"conf", "base"}
+    assert set(table["detector"]) == {"conf", "base", "base2"}
     for row in table.itertuples():
         m = metrics[row.detector]
         expected = m["ap"] if row.ranking == "actual" else m["rescoring"][row.ranking]
         assert [row.AP, row.AP50, row.AP75] == pytest.approx([expected[k] for k in ("AP", "AP50", "AP75")], abs=1e-12)
         assert row.delta_AP == pytest.approx(expected["AP"] - m["ap"]["AP"], abs=1e-12)
-    assert len(table) == len(metrics["conf"]["rescoring"]) + len(metrics["base"]["rescoring"]) + 2
+    assert len(table) == sum(len(metrics[name]["rescoring"]) + 1 for name in ("conf", "base", "base2"))
     summary = pd.read_csv(out / "tables" / "summary.csv").set_index("detector")
     assert summary.loc["conf", "ap_lost_to_misalignment"] == pytest.approx(metrics["conf"]["ap_lost_to_misalignment"])
     assert np.isnan(summary.loc["post", "ap_lost_to_misalignment"])
     # the page: section, plot, explanations, and why two dumps have less
     html = (out / "index.html").read_text()
+    assert "<title>misalign report: 4 detectors compared</title>" in html  # four names are too many for a title
     assert 'id="rescoring"' in html and "Counterfactual rescoring" in html and "AP lost to misalignment" in html
     assert (out / "figures" / "rescoring.png").stat().st_size > 10_000 and 'id="fig-rescoring"' in html
-    assert "base: obj_score is NaN throughout" in html and "only its cls and oracle rankings" in html
+    # one note for both dumps without the branch, naming each
+    assert html.count("only the cls and oracle rankings") == 1
+    assert "base, base2: obj_score is NaN throughout" in html
     assert "post: not rescored, post-NMS only" in html
     assert "--rescore (α grid 0, 0.4, 0.9)" in html
 

@@ -311,3 +311,28 @@ def test_cl_nms_dump_is_a_valid_ledger(shapes_dataset, tmp_path):
     assert (cand["score"] > cand["cls_score"]).all() and (cand["score"] > 1).any()  # s = cls + closeness
     meta = json.loads((out / "meta.json").read_text())
     assert "CL-NMS" in meta["postprocess"]["score_formula"]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_variant_trains_an_epoch_and_dumps_a_valid_ledger(name, shapes_dataset, tmp_path):
+    """The zoo's path for each name: `train` one epoch on shapes, `dump` the checkpoint, check the ledger."""
+    from detector.dump import DumpConfig, dump
+    from detector.train import TrainConfig, train
+    from misalign.ledger import read_ledger, validate_ledger
+
+    options = {"fpn_channels": 16, "num_head_convs": 1, "prior_prob": 0.2}  # prior 0.2: boxes above score_thresh
+    run = train(TrainConfig(model=name, data=str(shapes_dataset), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+                            workers=0, device="cpu", seed=0, val_split=None, backbone="resnet10", img_size=64,
+                            max_size=64, model_options=options))
+    out = tmp_path / "ledger"
+    dump(DumpConfig(ckpt=str(run / "checkpoint.pt"), out=str(out), data=str(shapes_dataset), split="val", workers=0,
+                    batch_size=2, limit=3))
+    validate_ledger(out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["detector"]["config"]["name"] == name
+    expected = {**model_module.VARIANTS[name], **options}  # options given override the variant's defaults
+    assert {key: meta["detector"]["config"][key] for key in expected} == expected
+    cand = read_ledger(out).candidates
+    assert cand["image_id"].nunique() == 3 and cand["kept"].any()
+    has_branch = model_module.VARIANTS[name]["obj_branch"] != "none"
+    assert cand["obj_score"].notna().all() if has_branch else cand["obj_score"].isna().all()
