@@ -532,15 +532,19 @@ def rescoring_table(views, palette) -> Table:
 
 
 def rescoring_figure(views, palette) -> Figure | None:
-    sweeps = {v.name: v.rescoring.rankings for v in views}
-    if not any(key.startswith("alpha=") for rankings in sweeps.values() for key in rankings):
+    # Only detectors with an α sweep: the others' cls and oracle rows are in the table.
+    sweeps = {v.name: v.rescoring.rankings for v in views
+              if any(key.startswith("alpha=") for key in v.rescoring.rankings)}
+    if not sweeps:
         return None
     return _figure("rescoring", F.figure_rescoring(sweeps, palette), (
         "COCO AP, AP50 and AP75 after NMS ranked by obj^α·cls^(1−α), against α (solid, one colour per "
-        "detector; the hollow marker at α = 1 is obj alone); horizontal lines: cls alone (dashed), cls·obj "
-        "(dash-dot) and the oracle, ranking by true IoU (dotted).",
-        "The gap between a detector's dotted oracle line and its curve is AP that a better ranking alone would "
-        "recover; a curve above the dashed cls line means object confidence helps NMS keep well-localised boxes."),
+        "detector with an object-confidence branch; the hollow marker at α = 1 is obj alone); horizontal lines: "
+        "cls alone (dashed), cls·obj (dash-dot) and the oracle, ranking by true IoU (dotted). The axis fits the "
+        "curves: an oracle or obj-alone value beyond it is a triangle on that edge (oracle filled, at the left; "
+        "obj hollow, at the right).",
+        "A curve above the dashed cls line means object confidence helps NMS keep well-localised boxes; the "
+        "oracle's distance above the curves is AP that a better ranking alone would recover."),
         "AP against alpha")
 
 

@@ -342,6 +342,17 @@ def figure_ap(ap: dict, palette: dict, keys=("AP", "AP50", "AP75", "APs", "APm",
 
 
 RESCORE_LINES = (("cls", "--", "cls alone"), ("cls*obj", "-.", "cls·obj"), ("oracle", ":", "oracle (true IoU)"))
+# The oracle (often ~2x the AP) and obj alone (class-agnostic, often far below) would squash the α curves
+# into a flat band; the axis fits the curves and the cls lines, and those two show as edge markers when off it.
+OFF_SCALE_RANKINGS = ("oracle", "obj")
+
+
+def _sweep_limits(rescoring: dict, key: str) -> tuple[float, float]:
+    """y-limits that fit every α sweep, cls and cls·obj value of `key`, padded."""
+    values = [v[key] for rankings in rescoring.values() for name, v in rankings.items() if name not in OFF_SCALE_RANKINGS]
+    lo, hi = min(values), max(values)
+    pad = max(0.01, 0.15 * (hi - lo))
+    return lo - pad, hi + pad
 
 
 def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")):
@@ -349,21 +360,32 @@ def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")
 
     rescoring: detector -> metrics.json `rescoring` dict ({ranking: {"AP", "AP50", "AP75"}}). Per
     detector: its `alpha=a` rankings as a solid line, `obj` as a hollow marker at α = 1 (obj^1·cls^0),
-    and `cls`, `cls*obj`, `oracle` as horizontal lines (RESCORE_LINES) in its colour.
+    and `cls`, `cls*obj`, `oracle` as horizontal lines (RESCORE_LINES) in its colour. The y-axis fits
+    the sweeps and the cls lines; an oracle or obj value off it is a triangle on the top or bottom edge
+    (oracle at the left, obj at α = 1).
     """
     names = list(rescoring)
     fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys) + 0.5, 2.9), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for name in names:
+        lo, hi = _sweep_limits(rescoring, key)
+        for i, name in enumerate(names):
             rankings, color = rescoring[name], palette[name]
             sweep = sorted((float(k.split("=", 1)[1]), v[key]) for k, v in rankings.items() if k.startswith("alpha="))
             if sweep:
                 ax.plot(*zip(*sweep), color=color, lw=1.6, marker="o", ms=3.5, zorder=3)
-            if "obj" in rankings:
-                ax.plot([1.0], [rankings["obj"][key]], ls="none", marker="o", ms=5, mfc="white", mec=color, zorder=3)
             for ranking, style, _ in RESCORE_LINES:
-                if ranking in rankings:
+                if ranking in rankings and (ranking != "oracle" or lo <= rankings[ranking][key] <= hi):
                     ax.axhline(rankings[ranking][key], color=color, ls=style, lw=1.1, zorder=2)
+            if "obj" in rankings and lo <= rankings["obj"][key] <= hi:
+                ax.plot([1.0], [rankings["obj"][key]], ls="none", marker="o", ms=5, mfc="white", mec=color, zorder=3)
+            # off the scale: a triangle on the edge it lies beyond, one slot per detector so none hide another
+            for ranking, x in (("oracle", 0.02 * i), ("obj", 1.0 - 0.02 * i)):
+                value = rankings.get(ranking, {}).get(key)
+                if value is not None and not lo <= value <= hi:
+                    above = value > hi
+                    ax.plot([x], [hi if above else lo], ls="none", marker="^" if above else "v", ms=6, color=color,
+                            mfc=color if ranking == "oracle" else "white", clip_on=False, zorder=4)
+        ax.set_ylim(lo, hi)
         ax.set_xlim(-0.04, 1.04)
         ax.set_xticks(np.linspace(0, 1, 6))
         ax.set_xlabel(r"$\alpha$ in obj$^{\alpha}$ · cls$^{1-\alpha}$")
@@ -374,7 +396,8 @@ def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")
     handles = [Patch(color=palette[n]) for n in names] + [
         Line2D([], [], color=grey, lw=1.6, marker="o", ms=3.5),
         Line2D([], [], color=grey, ls="none", marker="o", ms=5, mfc="white", mec=grey),
-        *(Line2D([], [], color=grey, ls=style, lw=1.1) for _, style, _ in RESCORE_LINES)]
+        *(Line2D([], [], color=grey, ls=style, lw=1.1) for _, style, _ in RESCORE_LINES),
+        Line2D([], [], color=grey, ls="none", marker="^", ms=6)]
     labels = [*names, r"obj$^{\alpha}$·cls$^{1-\alpha}$", "obj alone (α = 1)",
-              *(label for _, _, label in RESCORE_LINES)]
+              *(label for _, _, label in RESCORE_LINES), "off scale (value in the table)"]
     return _finish(fig, handles, labels, ncol=min(len(labels), 8))

@@ -380,3 +380,14 @@ def test_bad_alphas_are_one_line(ledgers, tmp_path, args, fragment):
     assert result.exit_code == 2, (result.output, result.exception)
     assert result.stderr.strip().splitlines() == [f"error: {fragment}"]
     assert not (tmp_path / "r").exists()
+
+
+def test_alpha_plot_axis_fits_the_sweep_not_the_oracle_or_obj_alone():
+    from reports.figures import _sweep_limits
+
+    ranks = {"cls": 0.40, "obj": 0.10, "cls*obj": 0.41, "alpha=0": 0.40, "alpha=0.5": 0.42, "oracle": 0.80}
+    rescoring = {"conf": {name: {"AP": ap} for name, ap in ranks.items()}, "base": {"cls": {"AP": 0.30}}}
+    # lo = 0.30 (base's cls line), hi = 0.42; pad = 0.15 * 0.12 = 0.018 (above the 0.01 floor)
+    assert _sweep_limits(rescoring, "AP") == pytest.approx((0.282, 0.438))
+    del rescoring["base"]  # a narrow range gets the 0.01 floor
+    assert _sweep_limits(rescoring, "AP") == pytest.approx((0.39, 0.43))
