@@ -2,9 +2,11 @@
 
 shapes dataset -> train `retinanet` and `retinanet-conf` (CPU defaults) -> dump both -> one
 comparison report. With `models=MODEL_NAMES` and `rescore=True` the same steps build the zoo of
-docs/methods.md: every variant, compared in one report with the counterfactual rescoring. Every step writes its output atomically, so a re-run skips what is complete:
-the dataset once written, a run with its eval.json, a dump with its meta.json; a run interrupted
-mid-training resumes from its last epoch's checkpoint. The report is always rewritten (seconds).
+docs/methods.md: every variant, compared in one report with the counterfactual rescoring.
+
+Every step writes its output atomically, so a re-run skips what is complete: the dataset once
+written, a run with its eval.json, a dump with its meta.json; a run interrupted mid-training
+resumes from its last epoch's checkpoint. The report is always rewritten (seconds to a minute).
 """
 
 from __future__ import annotations
