@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/misalign demo --out demo
 
 # Every variant trained with the CPU defaults, dumped, and compared with the counterfactual
-# rescoring (docs/methods.md, "Zoo results"): about an hour on two cores, resumable.
+# rescoring (docs/methods.md, "Zoo results"): about 50 minutes on two cores, resumable.
 zoo: $(STAMP)
 	$(BIN)/misalign demo --models all --rescore --out zoo
 
