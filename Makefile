@@ -1,4 +1,4 @@
-# Two commands for a newcomer: `make demo` and `make test`. Each creates .venv if it is missing.
+# A newcomer needs `make demo` and `make test` (`make zoo`: every method). Each creates .venv if missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo zoo test clean
 
+# -qq: errors only; setuptools' notice about editable installs is noise for a newcomer.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install -qq -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
