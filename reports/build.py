@@ -430,15 +430,8 @@ def figure1_groups(views, config, palette, shown_ids) -> tuple[list[dict], list[
     for col in columns:
         frames = {v.name: v.shown_rows for v in views if col != "obj_score" or v.has_obj}
         hists = {v.name: v.histograms[col] for v in views if col in v.histograms}
-        short = F.SHORT[col]
         figs = [
-            _figure(f"figure1_{col}_images", F.figure_score_iou_images(frames, shown_ids, col, palette,
-                                                                        post_only=post_only, seed=config.seed), (
-                f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground truth), before NMS "
-                f"(top) and after NMS (bottom); one colour per detector, like the paper's Figure 1.",
-                f"Dashed lines mark 0.5; points in the shaded corner are well localised (IoU > 0.5) but scored "
-                f"{short} < 0.5 — boxes NMS tends to discard in favour of higher-scored, worse boxes."),
-                f"{col} vs IoU per image"),
+            per_image_figure(frames, shown_ids, col, palette, post_only, config.seed),
             _figure(f"figure1_{col}_density", F.figure_score_iou_density(hists, np.linspace(0, 1, HIST_BINS + 1), col,
                                                                           palette), (
                 f"The same over every image of the split as a 2-D histogram ({HIST_BINS}×{HIST_BINS} cells, log colour "
@@ -453,6 +446,25 @@ def figure1_groups(views, config, palette, shown_ids) -> tuple[list[dict], list[
         notes.append(f"{', '.join(sorted(post_only))}: post-NMS only (meta.json pre_nms false, e.g. imported COCO "
                      "results): no before-NMS panels, no pre-NMS rows in Table 1, no Figure 2 or survival rates.")
     return groups, notes
+
+
+def per_image_figure(frames, shown_ids, col, palette, post_only, seed) -> Figure:
+    """Figure 1 per image: detectors overlaid (the paper's layout) up to F.MAX_OVERLAID of them; beyond
+    that one row per detector, on the first F.MAX_OVERLAID images, kept boxes over the grey pool."""
+    short = F.SHORT[col]
+    why = (f"Dashed lines mark 0.5; points in the shaded corner are well localised (IoU > 0.5) but scored "
+           f"{short} < 0.5 — boxes NMS tends to discard in favour of higher-scored, worse boxes.")
+    if len(frames) <= F.MAX_OVERLAID:
+        figure = F.figure_score_iou_images(frames, shown_ids, col, palette, post_only=post_only, seed=seed)
+        what = (f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground "
+                f"truth), before NMS (top) and after NMS (bottom); one colour per detector, like the paper's Figure 1.")
+    else:
+        shown_ids = list(shown_ids)[:F.MAX_OVERLAID]
+        figure = F.figure_score_iou_images_by_detector(frames, shown_ids, col, palette, post_only=post_only, seed=seed)
+        what = (f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground "
+                f"truth), one row per detector ({len(frames)} are too many to overlay): every candidate before NMS in "
+                "grey, the boxes NMS kept in the detector's colour.")
+    return _figure(f"figure1_{col}_images", figure, (what, why), f"{col} vs IoU per image")
 
 
 def figure2_figures(views, metrics, palette, config) -> list[Figure]:

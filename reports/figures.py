@@ -182,6 +182,44 @@ def figure_score_iou_images(frames: dict, image_ids, score_col: str, palette: di
     return _finish(fig, handles, labels)
 
 
+MAX_OVERLAID = 3  # detectors overlaid in one per-image panel; beyond this the colours bury each other
+PRE_NMS_GREY = "0.8"
+
+
+def figure_score_iou_images_by_detector(frames: dict, image_ids, score_col: str, palette: dict, *,
+                                        post_only=(), max_points: int = 1500, seed: int = 0):
+    """Figure 1 for many detectors: one row of panels per detector, one column per image.
+
+    Each panel shows that detector's candidates on that image: every pre-NMS candidate in grey, the
+    kept ones on top in the detector's colour, so which boxes NMS kept reads at a glance without
+    overlaying detectors. Arguments as `figure_score_iou_images`; `post_only` detectors have no grey.
+    """
+    image_ids = list(image_ids)
+    names = [n for n, f in frames.items() if score_col in f and not f[score_col].isna().all()]
+    fig, panels = _grid(len(image_ids), len(names), max_cols=len(image_ids), height=1.85)
+    for c, image_id in enumerate(image_ids):
+        for ax, name in zip(panels[c], names):
+            rows = frames[name][frames[name]["image_id"] == image_id]
+            if name not in post_only:
+                pre = _sample(rows, max_points, seed)
+                ax.scatter(pre["iou"], pre[score_col], s=6, alpha=0.5, color=PRE_NMS_GREY, lw=0, rasterized=True)
+            kept = rows[rows["kept"]]
+            # dark rims: kept boxes stand out from the grey pool even in a grey palette colour
+            ax.scatter(kept["iou"], kept[score_col], s=11, alpha=0.95, color=palette[name], edgecolors="0.1", lw=0.35,
+                       rasterized=True)
+            _decorate_score_iou(ax, score_col)
+            ax.set_title(f"{name} · image {image_id}", color=palette[name], fontsize=8.5)
+            ax.set_xlabel("IoU with ground truth")
+            if c == 0:
+                ax.set_ylabel(SHORT.get(score_col, score_col))
+    handles = [Line2D([], [], ls="", marker="o", ms=4, color=PRE_NMS_GREY),
+               Line2D([], [], ls="", marker="o", ms=4, color="0.45", mec="0.1", mew=0.5),
+               Patch(facecolor=QUADRANT_COLOR, alpha=0.25, edgecolor=QUADRANT_COLOR)]
+    labels = ["before NMS (every candidate)", "kept by NMS (detector colour)",
+              f"IoU > 0.5 but {SHORT.get(score_col, score_col)} < 0.5"]
+    return _finish(fig, handles, labels)
+
+
 def _detector_cmap(color: str):
     return LinearSegmentedColormap.from_list("det", ["#ffffff", color, "#000000"], N=256)
 

@@ -441,3 +441,36 @@ def test_images_shown_one_by_one_are_the_first_with_ground_truth():
     assert images_to_show(images, 2).tolist() == [11, 13]  # skips the empty images 10 and 12
     # too few images with ground truth: the earliest empty ones fill in, in file order
     assert images_to_show(images, 4).tolist() == [10, 11, 13, 14]
+
+
+def test_many_detectors_get_one_row_each_in_the_per_image_figure(ledgers, tmp_path):
+    out = tmp_path / "four"
+    dumps = [ledgers[k] for k in ("base", "conf", "conf_b", "imported")]
+    result = run("report", "--before-after-nms", *dumps, "--out", out, "--images", "4", "--bootstrap", "0")
+    assert result.exit_code == 0, (result.output, result.exception)
+    html = (out / "index.html").read_text()
+    assert "of 3 images (the first of the split with ground truth), one row per detector (4 are too many" in html
+    assert "one colour per detector, like the paper's Figure 1" not in html
+    width, height = Image.open(out / "figures" / "figure1_cls_score_images.png").size
+    assert height > width  # 4 rows of detectors, 3 columns of images
+
+
+def test_per_detector_panels_draw_the_pool_in_grey_and_the_kept_boxes_on_top():
+    import matplotlib.pyplot as plt
+
+    from reports import figures as F
+
+    frame = pd.DataFrame({"image_id": [1, 1, 1, 2], "iou": [0.9, 0.6, 0.1, 0.7], "cls_score": [0.8, 0.3, 0.2, 0.5],
+                          "kept": [True, False, True, True]})
+    frames = {"a": frame, "b": frame, "post": frame[frame["kept"]], "no_obj": frame.assign(cls_score=np.nan)}
+    palette = F.detector_palette(list(frames))
+    fig = F.figure_score_iou_images_by_detector(frames, [1, 2], "cls_score", palette, post_only={"post"})
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes[::2]] == ["a · image 1", "b · image 1", "post · image 1"]  # no_obj: no row
+    a1 = axes[0]
+    pool, kept = a1.collections[:2]
+    assert pool.get_offsets().tolist() == [[0.9, 0.8], [0.6, 0.3], [0.1, 0.2]]
+    assert kept.get_offsets().tolist() == [[0.9, 0.8], [0.1, 0.2]]
+    post = next(ax for ax in axes if ax.get_title() == "post · image 1")
+    assert [c.get_offsets().tolist() for c in post.collections] == [[[0.9, 0.8], [0.1, 0.2]]]  # kept only, no pool
+    plt.close(fig)
