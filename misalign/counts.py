@@ -199,10 +199,11 @@ def score_iou_histogram(candidates: pd.DataFrame, column: str, kept_only: bool =
     """2-D histogram of `column` (x) against `iou` (y) on [0, 1]^2, for Figure 1's density panels.
 
     Returns (counts [bins, bins] int64 indexed [x_bin, y_bin], edges [bins + 1]). Rows with NaN
-    scores are left out.
+    scores are left out; scores above 1 (CL-NMS adds a closeness term to the probability) count in
+    the top bin, so every box is counted.
     """
     frame = candidates[candidates["kept"]] if kept_only else candidates
-    x = frame[column].to_numpy(np.float64)
+    x = np.minimum(frame[column].to_numpy(np.float64), 1.0)
     y = frame["iou"].to_numpy(np.float64)
     ok = np.isfinite(x)
     edges = np.linspace(0.0, 1.0, bins + 1)

@@ -58,6 +58,7 @@ class DumpView:
     pre_nms: bool  # holds the pre-NMS pool (false: post-NMS-only, e.g. an imported results file)
     has_obj: bool  # obj_score is not all NaN
     score_is_cls: bool  # score == cls_score on every row (NMS ranked by the class probability)
+    score_above_one: bool  # some score > 1 (CL-NMS): the score panels draw those on their top edge
     has_raw: bool  # raw_counts / anchors stages present
     histograms: dict = field(default_factory=dict)  # score column -> {"pre_nms": [b, b] | None, "post_nms": [b, b]}
     quadrants: dict = field(default_factory=dict)  # score column -> misalign.counts.quadrant_counts frame
@@ -163,6 +164,7 @@ def _view(ledger, analysis, name: str, shown_ids) -> DumpView:
     has_obj = bool(np.isfinite(cands["obj_score"].to_numpy()).any()) if len(cands) else False
     score_is_cls = bool(np.array_equal(cands["score"].to_numpy(), cands["cls_score"].to_numpy()))
     columns = ["cls_score", "score"] + (["obj_score"] if has_obj else [])
+    score_above_one = bool((cands["score"].to_numpy() > 1).any())
     histograms, quadrants = {}, {}
     for col in columns:
         pre = counts.score_iou_histogram(cands, col, kept_only=False, bins=HIST_BINS)[0] if ledger.pre_nms else None
@@ -170,9 +172,12 @@ def _view(ledger, analysis, name: str, shown_ids) -> DumpView:
         histograms[col] = {"pre_nms": pre, "post_nms": post}
         quadrants[col] = counts.quadrant_counts(cands, col)
     shown = cands[np.isin(cands["image_id"].to_numpy(), np.asarray(shown_ids, np.int64))]
+    # The panels are the unit square; a score above 1 (CL-NMS) is drawn on the top edge, as the histograms count it.
+    shown = shown.assign(score=np.minimum(shown["score"].to_numpy(), 1.0))
     has_raw = len(ledger.raw_counts) > 0 or bool((ledger.images["num_pos_anchors"] >= 0).all())
     return DumpView(name=name, folder=Path(ledger.folder), meta=ledger.meta, analysis=analysis,
-                    pre_nms=ledger.pre_nms, has_obj=has_obj, score_is_cls=score_is_cls, has_raw=has_raw,
+                    pre_nms=ledger.pre_nms, has_obj=has_obj, score_is_cls=score_is_cls,
+                    score_above_one=score_above_one, has_raw=has_raw,
                     histograms=histograms, quadrants=quadrants, shown_ids=np.asarray(shown_ids, np.int64),
                     shown_rows=shown[["image_id", "iou", "kept", "cls_score", "obj_score", "score"]].copy())
 
@@ -442,6 +447,10 @@ def figure1_groups(views, config, palette, shown_ids) -> tuple[list[dict], list[
         ]
         groups.append({"title": f"{col} against IoU", "notes": [], "figures": figs,
                        "table": quadrant_table(views, col, palette)})
+    above_one = [v.name for v in views if v.score_above_one]
+    if above_one and "score" in columns:
+        notes.append(f"{', '.join(above_one)}: the NMS score exceeds 1 (CL-NMS adds a closeness term of up to its "
+                     "weight to the probability); the score panels draw those boxes on their top edge (score = 1).")
     if post_only:
         notes.append(f"{', '.join(sorted(post_only))}: post-NMS only (meta.json pre_nms false, e.g. imported COCO "
                      "results): no before-NMS panels, no pre-NMS rows in Table 1, no Figure 2 or survival rates.")

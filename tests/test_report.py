@@ -474,3 +474,33 @@ def test_per_detector_panels_draw_the_pool_in_grey_and_the_kept_boxes_on_top():
     post = next(ax for ax in axes if ax.get_title() == "post · image 1")
     assert [c.get_offsets().tolist() for c in post.collections] == [[[0.9, 0.8], [0.1, 0.2]]]  # kept only, no pool
     plt.close(fig)
+
+
+def test_histogram_counts_scores_above_one_in_the_top_bin_and_leaves_out_nan():
+    from misalign.counts import score_iou_histogram
+
+    cands = pd.DataFrame({"score": [0.25, 1.5, 1.0, np.nan], "iou": [0.35, 0.95, 0.05, 0.5], "kept": [True] * 4})
+    counts, edges = score_iou_histogram(cands, "score", bins=10)
+    assert counts.sum() == 3
+    assert counts[2, 3] == 1  # (0.25, 0.35)
+    assert counts[9, 9] == 1 and counts[9, 0] == 1  # 1.5 and 1.0 both in the top score bin
+
+
+def test_scores_above_one_get_a_note_naming_the_dump(ledgers, tmp_path):
+    """A CL-NMS-like dump (score = cls + closeness, up to 2) gets a note instead of losing its boxes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shifted = tmp_path / "cl"
+    shutil.copytree(ledgers["base"], shifted)
+    path = shifted / "candidates.parquet"
+    frame = pq.read_table(path).to_pandas()
+    frame["score"] = frame["cls_score"] + 0.5  # a constant shift: NMS's order, and so the ledger, stay valid
+    pq.write_table(pa.Table.from_pandas(frame, schema=pq.read_schema(path), preserve_index=False), path)
+    out = tmp_path / "report"
+    result = run("report", "--before-after-nms", ledgers["conf"], shifted, "--out", out, "--images", "1",
+                 "--bootstrap", "0")
+    assert result.exit_code == 0, (result.output, result.exception)
+    html = (out / "index.html").read_text()
+    assert "cl: the NMS score exceeds 1" in html and "on their top edge (score = 1)" in html
+    assert html.count("the NMS score exceeds 1") == 1  # conf's scores are probabilities: not named
