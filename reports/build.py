@@ -32,6 +32,7 @@ from .html import (CONDITIONS, Figure, Table, coco_frame, correlation_frame, cou
 log = logging.getLogger(__name__)
 
 HIST_BINS = 50  # Figure 1 density: bins per axis on [0, 1]
+WIDE_DIFFERENCES_ABOVE = 3  # more detectors than this: one row per detector, not one per quantity
 
 
 @dataclass
@@ -298,18 +299,41 @@ def differences_table(views, palette) -> Table | None:
     if len(views) < 2:
         return None
     frame = compare({v.name: v.analysis for v in views})
+    paired = "Paired = both dumps hold the same images and used the same seed and B, so each resample drew the same " \
+             "images for both; a CI that excludes 0 is a difference beyond resampling noise (AP has no CI)."
+    if len(views) > WIDE_DIFFERENCES_ABOVE:
+        table = Table("differences", _differences_wide(frame), (
+            f"Each detector against the reference {views[0].name} (the first dump), one row per detector: each cell is "
+            "delta = detector − reference of that quantity with its 95% percentile bootstrap CI; – where the quantity "
+            "does not apply. tables/differences.csv has the values themselves.", paired), left=("paired",),
+            colors=palette)
+        table.csv = frame
+        return table
     shown = frame[["detector", "reference", "quantity", "value", "reference_value", "delta"]].copy()
     shown["95% CI of delta"] = [_interval_text(lo, hi) or "–" for lo, hi in zip(frame["ci95_lo"], frame["ci95_hi"])]
     shown["paired"] = frame["paired"].map({True: "yes", False: "no"})
     table = Table("differences", shown, (
         f"Each detector against the reference {views[0].name} (the first dump): delta = detector − reference "
         "for AP, Spearman ρ and divergence of each score column, and survival rates, with percentile bootstrap CIs.",
-        "Paired = both dumps hold the same images and used the same seed and B, so each resample drew the same "
-        "images for both; a CI that excludes 0 is a difference beyond resampling noise (AP has no CI)."),
+        paired),
         formats={"value": fmt_float(3), "reference_value": fmt_float(3), "delta": fmt_float(3, signed=True)},
         left=("reference", "quantity", "paired"), colors=palette)
     table.csv = frame
     return table
+
+
+def _differences_wide(frame: pd.DataFrame) -> pd.DataFrame:
+    """compare()'s long rows as one row per detector, one column per quantity: '+0.025 [0.01, 0.04]'."""
+    def cell(row) -> str:
+        ci = _interval_text(row["ci95_lo"], row["ci95_hi"])
+        return f"{row['delta']:+.3f}" + (f" {ci}" if ci else "")
+
+    cells = frame.assign(cell=frame.apply(cell, axis=1))
+    wide = cells.pivot(index="detector", columns="quantity", values="cell")
+    wide = wide.reindex(index=frame["detector"].unique(), columns=frame["quantity"].unique()).fillna("–")
+    wide = wide.rename(columns=lambda q: f"Δ {q}").reset_index().rename_axis(columns=None)
+    paired = frame.groupby("detector", sort=False)["paired"].all()
+    return wide.assign(paired=wide["detector"].map(paired).map({True: "yes", False: "no"}))
 
 
 def coco_table(metrics, names, palette) -> Table:

@@ -504,3 +504,18 @@ def test_scores_above_one_get_a_note_naming_the_dump(ledgers, tmp_path):
     html = (out / "index.html").read_text()
     assert "cl: the NMS score exceeds 1" in html and "on their top edge (score = 1)" in html
     assert html.count("the NMS score exceeds 1") == 1  # conf's scores are probabilities: not named
+
+
+def test_many_detectors_get_one_row_each_in_the_differences_table(ledgers, tmp_path):
+    out = tmp_path / "four"
+    dumps = [ledgers[k] for k in ("base", "conf", "conf_b", "imported")]
+    result = run("report", *dumps, "--out", out, "--images", "1", "--bootstrap", "20", "--seed", "1")
+    assert result.exit_code == 0, (result.output, result.exception)
+    long = pd.read_csv(out / "tables" / "differences.csv")  # the CSV keeps compare()'s long rows
+    assert set(long["detector"]) == {"conf", "conf_b", "imported"}  # names are the dump folders
+    html = (out / "index.html").read_text()
+    section = html[html.index('id="differences"'):html.index('id="before-after"')]
+    assert "one row per detector" in section and section.count("<tr") == 1 + 3  # header + a row per detector
+    for row in long.itertuples():  # every delta, with its CI where it has one, is a cell of its detector's row
+        ci = "" if np.isnan(row.ci95_lo) else f" [{row.ci95_lo:.3f}, {row.ci95_hi:.3f}]"
+        assert f"{row.delta:+.3f}{ci}" in section
