@@ -32,7 +32,7 @@ from .html import (CONDITIONS, Figure, Table, coco_frame, correlation_frame, cou
 log = logging.getLogger(__name__)
 
 HIST_BINS = 50  # Figure 1 density: bins per axis on [0, 1]
-WIDE_DIFFERENCES_ABOVE = 3  # more detectors than this: one row per detector, not one per quantity
+MANY_DETECTORS = 3  # above this, overlays and per-quantity rows crowd: views get one row per detector
 
 
 @dataclass
@@ -301,7 +301,7 @@ def differences_table(views, palette) -> Table | None:
     frame = compare({v.name: v.analysis for v in views})
     paired = "Paired = both dumps hold the same images and used the same seed and B, so each resample drew the same " \
              "images for both; a CI that excludes 0 is a difference beyond resampling noise (AP has no CI)."
-    if len(views) > WIDE_DIFFERENCES_ABOVE:
+    if len(views) > MANY_DETECTORS:
         table = Table("differences", _differences_wide(frame), (
             f"Each detector against the reference {views[0].name} (the first dump), one row per detector: each cell is "
             "delta = detector − reference of that quantity with its 95% percentile bootstrap CI; – where the quantity "
@@ -482,17 +482,17 @@ def figure1_groups(views, config, palette, shown_ids) -> tuple[list[dict], list[
 
 
 def per_image_figure(frames, shown_ids, col, palette, post_only, seed) -> Figure:
-    """Figure 1 per image: detectors overlaid (the paper's layout) up to F.MAX_OVERLAID of them; beyond
-    that one row per detector, on the first F.MAX_OVERLAID images, kept boxes over the grey pool."""
+    """Figure 1 per image: detectors overlaid (the paper's layout) up to MANY_DETECTORS of them; beyond
+    that one row per detector, on the first MANY_DETECTORS images, kept boxes over the grey pool."""
     short = F.SHORT[col]
     why = (f"Dashed lines mark 0.5; points in the shaded corner are well localised (IoU > 0.5) but scored "
            f"{short} < 0.5 — boxes NMS tends to discard in favour of higher-scored, worse boxes.")
-    if len(frames) <= F.MAX_OVERLAID:
+    if len(frames) <= MANY_DETECTORS:
         figure = F.figure_score_iou_images(frames, shown_ids, col, palette, post_only=post_only, seed=seed)
         what = (f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground "
                 f"truth), before NMS (top) and after NMS (bottom); one colour per detector, like the paper's Figure 1.")
     else:
-        shown_ids = list(shown_ids)[:F.MAX_OVERLAID]
+        shown_ids = list(shown_ids)[:MANY_DETECTORS]
         figure = F.figure_score_iou_images_by_detector(frames, shown_ids, col, palette, post_only=post_only, seed=seed)
         what = (f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground "
                 f"truth), one row per detector ({len(frames)} are too many to overlay): every candidate before NMS in "

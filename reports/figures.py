@@ -182,7 +182,6 @@ def figure_score_iou_images(frames: dict, image_ids, score_col: str, palette: di
     return _finish(fig, handles, labels)
 
 
-MAX_OVERLAID = 3  # detectors overlaid in one per-image panel; beyond this the colours bury each other
 PRE_NMS_GREY = "0.8"
 
 
@@ -412,7 +411,7 @@ def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")
             if sweep:
                 ax.plot(*zip(*sweep), color=color, lw=1.6, marker="o", ms=3.5, zorder=3)
             for ranking, style, _ in RESCORE_LINES:
-                if ranking in rankings and (ranking != "oracle" or lo <= rankings[ranking][key] <= hi):
+                if ranking in rankings and lo <= rankings[ranking][key] <= hi:
                     ax.axhline(rankings[ranking][key], color=color, ls=style, lw=1.1, zorder=2)
             if "obj" in rankings and lo <= rankings["obj"][key] <= hi:
                 ax.plot([1.0], [rankings["obj"][key]], ls="none", marker="o", ms=5, mfc="white", mec=color, zorder=3)
