@@ -261,11 +261,12 @@ def demo(out, models, rescore, device, workers) -> None:
     from detector.demo import run_demo
     from detector.model import MODEL_NAMES
 
-    names = MODEL_NAMES if models.strip() == "all" else tuple(m.strip() for m in models.split(",") if m.strip())
+    # dict.fromkeys: a name given twice is trained and compared once
+    names = MODEL_NAMES if models.strip() == "all" else tuple(dict.fromkeys(m.strip() for m in models.split(",") if m.strip()))
     unknown = [m for m in names if m not in MODEL_NAMES]
     if unknown or not names:
-        raise InputError(f"--models: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
-                         f"choose from {', '.join(MODEL_NAMES)} or 'all'")
+        problem = f"unknown {', '.join(map(repr, unknown))}" if unknown else "no model given"
+        raise InputError(f"--models: {problem}; choose from {', '.join(MODEL_NAMES)} or 'all'")
     index = run_demo(out, models=names, rescore=rescore, device=device, workers=workers)
     click.echo(f"report: {index}")
 

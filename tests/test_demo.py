@@ -4,6 +4,7 @@ The steps themselves (shapes, train, dump, report) have their own tests; here th
 recorders that write the files each real step would leave behind.
 """
 
+import pytest
 from click.testing import CliRunner
 
 import detector.demo as demo
@@ -79,17 +80,18 @@ def test_the_zoo_trains_dumps_and_rescores_every_variant(tmp_path, monkeypatch):
     assert calls[-1] == ("report", MODEL_NAMES, True, True)
 
 
-def test_a_chosen_subset_keeps_its_order(tmp_path, monkeypatch):
+def test_a_chosen_subset_keeps_its_order_and_drops_repeats(tmp_path, monkeypatch):
     calls = []
     _install_recorders(monkeypatch, calls)
-    result = CliRunner().invoke(main, ["demo", "--models", "cl-nms, dr-loss", "--out", str(tmp_path)])
+    result = CliRunner().invoke(main, ["demo", "--models", "cl-nms, dr-loss,cl-nms", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert calls[-1] == ("report", ("cl-nms", "dr-loss"), True, False)
 
 
-def test_unknown_models_give_one_line_and_touch_nothing(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--models", "retinanet,fcos", "--out", str(tmp_path / "zoo")])
+@pytest.mark.parametrize("models, problem", [("retinanet,fcos", "unknown 'fcos'"), (" , ", "no model given")])
+def test_bad_models_give_one_line_and_touch_nothing(models, problem, tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--models", models, "--out", str(tmp_path / "zoo")])
     assert result.exit_code == 2
-    assert result.stderr.startswith("error: --models: unknown 'fcos'; choose from retinanet, ")
+    assert result.stderr.startswith(f"error: --models: {problem}; choose from retinanet, ")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "zoo").exists()
