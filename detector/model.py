@@ -110,6 +110,7 @@ class ModelConfig:
     num_head_convs: int = 4  # 3×3 convs per tower
     head_norm: str = "none"  # "none" (RetinaNet v1) | "group" (GroupNorm in the towers)
     anchor_sizes: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128, 256, 512])  # P3..P7
+    anchor_placement: str = "stride"  # "stride": centres at 8..128 px steps; "torchvision": its AnchorGenerator's
     prior_prob: float = 0.01  # initial class probability (classifier bias)
     fg_iou_thresh: float = 0.5  # anchors with IoU >= this to a gt box are positives
     bg_iou_thresh: float = 0.4  # anchors with max IoU < this are negatives; between: ignored
@@ -157,6 +158,7 @@ def _check_range(cfg: ModelConfig) -> None:
         ("trainable_layers", 0 <= cfg.trainable_layers <= 5, "must be in 0..5"),
         ("anchor_sizes", len(cfg.anchor_sizes) == 5 and min(cfg.anchor_sizes, default=0) > 0,
          "must be 5 positive sizes (P3..P7)"),
+        ("anchor_placement", cfg.anchor_placement in ANCHOR_PLACEMENTS, f"must be one of {', '.join(ANCHOR_PLACEMENTS)}"),
         ("prior_prob", 0 < cfg.prior_prob < 1, "must be in (0, 1)"),
         ("bg_iou_thresh", 0 <= cfg.bg_iou_thresh <= cfg.fg_iou_thresh <= 1,
          "need 0 <= bg_iou_thresh <= fg_iou_thresh <= 1"),
@@ -335,10 +337,44 @@ def build_backbone(cfg: ModelConfig, download: bool = True) -> BackboneWithFPN:
     )
 
 
-def make_anchor_generator(base_sizes: list[int]) -> AnchorGenerator:
-    """3 scales (× 2^0, 2^(1/3), 2^(2/3), truncated as torchvision does) × 3 ratios per location, per level."""
+ANCHOR_PLACEMENTS = ("stride", "torchvision")
+LEVEL_STRIDES = (8, 16, 32, 64, 128)  # P3..P7: pixels of the network input per feature-map cell
+
+
+class StrideAnchorGenerator(AnchorGenerator):
+    """torchvision's AnchorGenerator with every level's anchors placed at the level's own stride.
+
+    torchvision takes a level's stride as (padded image size) // (grid size), which is right for
+    P3-P5 (the padded size is a multiple of 32) but not for P6/P7, whose grids are rounded up by
+    their stride-2 convolutions: at 160 px, P6's 3 cells get stride 53 instead of 64. Here cell
+    (i, j) of level l is centred at (j, i) · LEVEL_STRIDES[l], where the feature really looks (as
+    MMDetection's AnchorGenerator places them). Cell anchors and ordering are torchvision's.
+    """
+
+    def __init__(self, sizes, aspect_ratios, strides=LEVEL_STRIDES):
+        super().__init__(sizes, aspect_ratios)
+        if len(strides) != len(sizes):
+            raise ValueError(f"{len(sizes)} levels of anchor sizes but {len(strides)} strides")
+        self.level_strides = tuple(int(s) for s in strides)
+
+    def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
+        grid_sizes = [feature_map.shape[-2:] for feature_map in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.level_strides]
+        self.set_cell_anchors(dtype, device)
+        anchors_per_image = torch.cat(self.grid_anchors(grid_sizes, strides))  # [A, 4]
+        return [anchors_per_image for _ in range(len(image_list.image_sizes))]
+
+
+def make_anchor_generator(base_sizes: list[int], placement: str = "stride") -> AnchorGenerator:
+    """3 scales (× 2^0, 2^(1/3), 2^(2/3), truncated as torchvision does) × 3 ratios per location, per level.
+
+    placement "stride": anchor centres at each level's true stride (StrideAnchorGenerator);
+    "torchvision": torchvision's own AnchorGenerator (P6/P7 centres at padded size // grid size).
+    """
     sizes = tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in base_sizes)
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    ratios = ((0.5, 1.0, 2.0),) * len(sizes)
+    return AnchorGenerator(sizes, ratios) if placement == "torchvision" else StrideAnchorGenerator(sizes, ratios)
 
 
 # --- the detector ------------------------------------------------------------------------------
@@ -360,7 +396,7 @@ class Detector(nn.Module):
         self.cfg = cfg
         self.transform = GeneralizedRCNNTransform(cfg.img_size, cfg.max_size, IMAGE_MEAN, IMAGE_STD)
         self.backbone = backbone
-        self.anchor_generator = make_anchor_generator(cfg.anchor_sizes)
+        self.anchor_generator = make_anchor_generator(cfg.anchor_sizes, cfg.anchor_placement)
         self.head = RetinaHead(
             cfg.fpn_channels,
             self.anchor_generator.num_anchors_per_location()[0],
@@ -562,5 +598,6 @@ def model_from_config(config: dict[str, Any]) -> Detector:
         raise InputError("model config: needs at least 'name' and 'num_classes'")
     known = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "num_classes", "obj_branch"}
     options = {k: v for k, v in config.items() if k in known}
+    options.setdefault("anchor_placement", "torchvision")  # what every model built before the option used
     cfg = resolve_config(config["name"], config["num_classes"], **options)
     return Detector(cfg, build_backbone(cfg, download=False))

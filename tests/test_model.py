@@ -71,7 +71,7 @@ def _torchvision_twin(ours):
 
 def test_retinanet_equals_torchvision_retinanet_with_identical_weights():
     torch.manual_seed(0)
-    ours = _spread_head(build_model("retinanet", 3, loss_norm="per_image", **TINY))
+    ours = _spread_head(build_model("retinanet", 3, loss_norm="per_image", anchor_placement="torchvision", **TINY))
     tv = _torchvision_twin(ours)
     images, targets = _images_and_targets()
 
@@ -113,6 +113,41 @@ def test_anchors_are_torchvisions_retinanet_anchors():
     assert model.box_coder.weights == (1.0, 1.0, 1.0, 1.0)
     m = model.matcher
     assert (m.high_threshold, m.low_threshold, m.allow_low_quality_matches) == (0.5, 0.4, True)
+
+
+@pytest.mark.parametrize("height, width", [(160, 160), (608, 1024)])
+def test_anchor_centres_sit_at_each_levels_stride(height, width):
+    """Cell (i, j) of level P3..P7 is centred at (j, i) * 8, 16, 32, 64, 128, whatever the grid rounding.
+
+    160 px: grids 20, 10, 5, 3, 2 (P6/P7 rounded up by their stride-2 convs); torchvision would put
+    P6 at 160 // 3 = 53 px steps. 608 x 1024: P7 is 5 x 8 cells; torchvision's y step 608 // 5 = 121.
+    """
+    model = build_model("retinanet", 3, backbone="resnet18", img_size=height, max_size=width, fpn_channels=16).eval()
+    with torch.no_grad():
+        _, _, _, anchors, per_level = model._run_network([torch.rand(3, height, width)])
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # [A, 2] x, y
+    start = 0
+    for level, stride in enumerate((8, 16, 32, 64, 128)):
+        rows, cols = -(-height // stride), -(-width // stride)  # ceil: each conv rounds up
+        assert per_level[level] == rows * cols * 9
+        expected_y = torch.arange(rows).repeat_interleave(cols * 9) * float(stride)  # row-major cells, 9 anchors each
+        expected_x = torch.arange(cols).repeat_interleave(9).repeat(rows) * float(stride)
+        level_centres = centres[start:start + per_level[level]]
+        assert torch.equal(level_centres[:, 0], expected_x) and torch.equal(level_centres[:, 1], expected_y)
+        start += per_level[level]
+
+    tv = build_model("retinanet", 3, backbone="resnet18", img_size=height, max_size=width, fpn_channels=16,
+                     anchor_placement="torchvision").eval()
+    with torch.no_grad():
+        tv_anchors = tv._run_network([torch.rand(3, height, width)])[3]
+    tv_steps = torch.unique((tv_anchors[:, 1] + tv_anchors[:, 3]) / 2)
+    assert (53.0 in tv_steps.tolist()) if height == 160 else (121.0 in tv_steps.tolist())
+
+
+def test_checkpoints_from_before_anchor_placement_keep_torchvisions_anchors():
+    config = build_model("retinanet", 3, **TINY).config
+    del config["anchor_placement"]
+    assert model_from_config(config).cfg.anchor_placement == "torchvision"
 
 
 # The branch layouts; the other variants' ledger checks are in tests/test_variants.py.
