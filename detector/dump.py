@@ -28,11 +28,10 @@ from misalign.coco import annotation_arrays, load_coco_json, resolve_dataset
 from misalign.errors import InputError
 from misalign.io import atomic_dir
 from misalign.ledger import LedgerWriter
-from misalign.truth import match_truth, max_iou_any, raw_counts_rows
+from misalign.truth import POSITIVE_IOU, match_truth, max_iou_any, raw_counts_rows, threshold_counts, truth_columns
 
 log = logging.getLogger(__name__)
 
-POS_ANCHOR_IOU = 0.5  # an anchor with IoU >= this to a non-crowd gt is positive (Positive_NUM)
 FLUSH_IMAGES = 64  # images buffered per Parquet row group: bounded memory, few large writes
 
 
@@ -127,7 +126,7 @@ def image_rows(output: dict, target: dict, gt: dict, category_ids: list[int], wi
     cand = {key: value.cpu() for key, value in output["candidates"].items()}
     boxes = (cand["boxes"].double() / scale).numpy()  # [K, 4] original pixels
     category = np.asarray(category_ids, dtype=np.int64)[cand["labels"].numpy()]
-    iou, gt_id, iou_any = match_truth(boxes, category, gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"])
+    truth = truth_columns(boxes, category, gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"])
     candidates = pd.DataFrame({
         "image_id": np.full(len(boxes), target["image_id"], np.int64),
         "category_id": category,
@@ -139,7 +138,8 @@ def image_rows(output: dict, target: dict, gt: dict, category_ids: list[int], wi
         "anchor_idx": cand["anchor_idx"].numpy(),
         "kept": cand["kept"].numpy(),
         "suppressed_by": cand["suppressed_by"].numpy(),
-        "iou": iou, "gt_id": gt_id, "iou_any": iou_any,
+        "cl_nms_score": cand["cl_nms_score"].float().numpy(),
+        **truth,
     })
     raw_boxes = (output["raw_boxes"].double().cpu() / scale).numpy()  # [A, 4] original pixels
     anchors = (output["anchors"].double().cpu() / scale).numpy()  # [A, 4]
@@ -149,7 +149,7 @@ def image_rows(output: dict, target: dict, gt: dict, category_ids: list[int], wi
     rows = {
         "candidates": candidates,
         "raw_counts": raw_counts_rows(target["image_id"], raw_cls, raw_iou, anchor_iou),
-        "anchors": (len(anchors), int((anchor_iou >= np.float32(POS_ANCHOR_IOU)).sum())),
+        "anchors": (len(anchors), int(threshold_counts(anchor_iou, [POSITIVE_IOU])[0])),
     }
     if with_raw:
         rows["raw"] = _raw_frame(output, target["image_id"], raw_boxes, anchors, anchor_iou, gt, category_ids)

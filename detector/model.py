@@ -434,7 +434,7 @@ class Detector(nn.Module):
             formula = f"obj^{self.cfg.obj_exponent:g} * cls^{1 - self.cfg.obj_exponent:g}"
             formula += " (P7: cls)" if self.cfg.conf_skip_p7 else ""
         if self.cfg.cl_nms:
-            formula = f"{formula} + CL-NMS centre closeness (weight {self.cfg.cl_nms_weight:g})"
+            formula = f"{formula} (NMS chooses by it + CL-NMS centre closeness, weight {self.cfg.cl_nms_weight:g})"
         return formula
 
     @property
@@ -515,8 +515,9 @@ class Detector(nn.Module):
         """Detections (identical to `model(images)`) plus every candidate and every anchor, per image.
 
         Each dict: the detection fields of `forward`, plus
-        `candidates`: {boxes [K, 4], labels, cls_score, obj_score, score, level (0 = P3), anchor_idx,
-        kept (bool), suppressed_by (candidate index of the suppressing survivor, -1 for survivors)}
+        `candidates`: {boxes [K, 4], labels, cls_score, obj_score, score, cl_nms_score (NaN without
+        CL-NMS), level (0 = P3), anchor_idx, kept (bool), suppressed_by (candidate index of the
+        suppressing survivor under the NMS's own ranking, -1 for survivors)}
         sorted by score descending, so the kept rows in order are the detections;
         `anchors` [A, 4], `raw_boxes` [A, 4] (decoded, clipped), `raw_cls` [A] (max class probability),
         `raw_label` [A], `raw_obj` [A] (NaN without a branch), `raw_level` [A] (0 = P3).
@@ -528,9 +529,10 @@ class Detector(nn.Module):
         results = []
         for cand, raw in self._candidates(images):
             survivors = cand.pop("survivors")
-            cand["suppressed_by"] = find_suppressors(
-                cand["boxes"], cand["score"], cand["labels"], survivors, self.cfg.nms_thresh
-            )
+            nms_score = cand["cl_nms_score"] if self.cfg.cl_nms else cand["score"]  # what NMS ranked by
+            survivors = survivors[torch.sort(nms_score[survivors], descending=True, stable=True).indices]
+            cand["suppressed_by"] = find_suppressors(cand["boxes"], nms_score, cand["labels"], survivors,
+                                                     self.cfg.nms_thresh)
             result = self._detections(cand)
             result["candidates"] = cand
             size, original = raw["size"], raw["original"]

@@ -4,8 +4,10 @@ For one image: per FPN level, every (anchor, class) pair gets a ranking score (t
 probability, or the joint obj^e · cls^(1−e) score of a branch model); pairs with score >
 `score_thresh` enter, at most `topk` per level; their boxes are decoded and clipped; class-wise NMS
 (torchvision's `batched_nms`) picks survivors; the `max_det` best survivors are the detections.
-With CL-balanced NMS (`cl_nms`) the entered pairs are first re-scored by their closeness to their
-NMS cluster's weighted centre, and NMS, the ledger's `score` and the detections use that score.
+With CL-balanced NMS (`cl_nms`) NMS chooses its survivors by a second score, the detector's score
+plus the box's closeness to its NMS cluster's weighted centre (`cl_nms_score`); that score only
+chooses, it does not rank: the detections, their order and the ledger's `score` keep the detector's
+own score.
 Boxes are x1, y1, x2, y2 in pixels of the resized (network input) image.
 """
 
@@ -149,10 +151,10 @@ def postprocess_image(
 
     cls_logits [A, C], bbox_deltas [A, 4], obj_logits [A] or None, anchors [A, 4], image_size (h, w)
     of the resized image. Returns the fields of `select_candidates` plus `boxes` [K, 4] (decoded,
-    clipped), `survivors` [S] (candidate indices kept by NMS, ascending = score-descending) and
-    `kept` [K] bool (the first `max_det` survivors). The detections are the kept rows, in order.
-    With `settings.cl_nms`, `score` is the CL-NMS score (`cl_nms_scores`) that NMS ranked by; the
-    candidates entered by the plain score (> score_thresh, top-k per level).
+    clipped), `cl_nms_score` [K] (`cl_nms_scores`; NaN without CL-NMS), `survivors` [S] (candidate
+    indices kept by NMS, ascending = score-descending) and `kept` [K] bool (the first `max_det`
+    survivors). The detections are the kept rows, in order. With `settings.cl_nms`, NMS chooses the
+    survivors by `cl_nms_score`; the entering, the max_det cut and `score` are the detector's own.
     """
     cand = select_candidates(cls_logits, obj_logits, num_anchors_per_level, settings)
     order = torch.sort(cand["score"], descending=True, stable=True).indices
@@ -161,11 +163,13 @@ def postprocess_image(
     boxes = box_coder.decode_single(bbox_deltas[idx].float(), anchors[idx])  # [K, 4]
     cand["boxes"] = clip_boxes_to_image(boxes, image_size)
     if settings.cl_nms:
-        # NMS and the detections rank by the CL-NMS score: it becomes the candidates' `score`.
-        cand["score"] = cl_nms_scores(cand["boxes"], cand["score"], cand["labels"], settings)
-        order = torch.sort(cand["score"], descending=True, stable=True).indices
-        cand = {k: v[order] for k, v in cand.items()}
-    survivors = torch.sort(batched_nms(cand["boxes"], cand["score"], cand["labels"], settings.nms_thresh)).values
+        cand["cl_nms_score"] = cl_nms_scores(cand["boxes"], cand["score"], cand["labels"], settings)
+    else:
+        cand["cl_nms_score"] = torch.full_like(cand["score"], float("nan"))
+    nms_score = cand["cl_nms_score"] if settings.cl_nms else cand["score"]
+    survivors = batched_nms(cand["boxes"], nms_score, cand["labels"], settings.nms_thresh)
+    # Candidates are in score order, so ascending indices rank the survivors by the detector's score.
+    survivors = torch.sort(survivors).values
     kept = torch.zeros_like(cand["score"], dtype=torch.bool)
     kept[survivors[: settings.max_det]] = True
     cand["survivors"] = survivors

@@ -33,11 +33,24 @@ import pandas as pd
 from scipy import stats
 
 
+def pool_mask(candidates: pd.DataFrame, column: str, min_iou: float = 0.5) -> np.ndarray:
+    """[N] bool: the rows of a correlation pool: iou >= min_iou, a finite `column`, and not `crowd`.
+
+    Crowd rows (COCOeval ignores them) are neither good nor bad boxes, so they stay out even when
+    min_iou lets IoU-0 rows in.
+    """
+    iou = candidates["iou"].to_numpy()
+    mask = (iou >= np.asarray(min_iou, iou.dtype)) & np.isfinite(candidates[column].to_numpy())
+    if "crowd" in candidates.columns:
+        mask &= ~candidates["crowd"].to_numpy(bool)
+    return mask
+
+
 def correlation_pool(candidates: pd.DataFrame, column: str, min_iou: float = 0.5):
-    """Rows with iou >= min_iou and a finite `column`: (x float64, y float64, image_id int64, gt_id int64)."""
+    """The rows of `pool_mask`: (x float64, y float64, image_id int64, gt_id int64)."""
     iou = candidates["iou"].to_numpy()
     x = candidates[column].to_numpy()
-    rows = np.flatnonzero((iou >= np.asarray(min_iou, iou.dtype)) & np.isfinite(x))
+    rows = np.flatnonzero(pool_mask(candidates, column, min_iou))
     return (x[rows].astype(np.float64), iou[rows].astype(np.float64),
             candidates["image_id"].to_numpy(np.int64)[rows], candidates["gt_id"].to_numpy(np.int64)[rows])
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from misalign.errors import InputError
-from misalign.truth import CLS_THRESHOLDS, IOU_THRESHOLDS
+from misalign.truth import CLS_THRESHOLDS, IOU_THRESHOLDS, POSITIVE_IOU
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ QUANTITY_COLUMNS = {"cls": "cls_score", "iou": "iou"}  # candidates column behin
 THRESHOLDS = {"cls": CLS_THRESHOLDS, "iou": IOU_THRESHOLDS}
 STAGE_ORDER = ("anchors", "raw", "pre_nms", "post_nms")
 ROWS = "rows"  # pseudo-condition: the number of boxes of the stage (anchors: num_anchors)
-POSITIVE = "iou>=0.5"  # the anchors stage's Positive_NUM (images.parquet num_pos_anchors)
+CROWD = "crowd"  # pseudo-condition: candidates COCOeval ignores on a crowd region (the `crowd` column)
 
 
 def condition_key(quantity: str, threshold: float) -> str:
@@ -42,6 +42,7 @@ def condition_key(quantity: str, threshold: float) -> str:
 
 
 CONDITIONS = [(condition_key(q, t), q, t) for q in ("cls", "iou") for t in THRESHOLDS[q]]
+POSITIVE = condition_key("iou", POSITIVE_IOU)  # the anchors stage's Positive_NUM: 'iou>0.5'
 
 
 def image_positions(images: pd.DataFrame, image_ids: np.ndarray, what: str) -> np.ndarray:
@@ -74,6 +75,10 @@ def _candidate_stage(candidates: pd.DataFrame, positions: np.ndarray, num_images
     columns = {}
     pos = positions if rows is None else positions[rows]
     columns[ROWS] = np.bincount(pos, minlength=num_images).astype(np.int64)
+    if "crowd" in candidates.columns:
+        crowd = candidates["crowd"].to_numpy(bool)
+        crowd = crowd if rows is None else crowd[rows]
+        columns[CROWD] = np.bincount(pos[crowd], minlength=num_images).astype(np.int64)
     for quantity, column in QUANTITY_COLUMNS.items():
         values = candidates[column].to_numpy()
         values = values if rows is None else values[rows]
@@ -84,13 +89,13 @@ def _candidate_stage(candidates: pd.DataFrame, positions: np.ndarray, num_images
 
 
 def _raw_stages(ledger, num_images: int) -> dict:
-    """{(stage, condition): [I]} from raw_counts.parquet and images.parquet's anchor columns."""
+    """{(stage, condition): [I]} from raw_counts.parquet and images.parquet's anchor columns.
+
+    Positive anchors are ('anchors', 'iou>0.5'): the raw_counts row, or images.parquet's
+    num_pos_anchors (the same count) where raw_counts has none.
+    """
     columns = {}
     images = ledger.images
-    for name, column in ((ROWS, "num_anchors"), (POSITIVE, "num_pos_anchors")):
-        values = images[column].to_numpy(np.int64)
-        if len(values) and np.all(values >= 0):  # -1: unknown (imports)
-            columns[("anchors", name)] = values
     raw = ledger.raw_counts
     if len(raw):
         pos = image_positions(images, raw["image_id"].to_numpy(), "raw_counts.parquet")
@@ -105,6 +110,10 @@ def _raw_stages(ledger, num_images: int) -> dict:
             for key, _, _ in CONDITIONS:
                 if (stage, key) in wide.columns:
                     columns[(stage, key)] = wide[(stage, key)].to_numpy()
+    for key, column in ((ROWS, "num_anchors"), (POSITIVE, "num_pos_anchors")):
+        values = images[column].to_numpy(np.int64)
+        if len(values) and np.all(values >= 0) and ("anchors", key) not in columns:  # -1: unknown (imports)
+            columns[("anchors", key)] = values
     return columns
 
 
@@ -112,11 +121,12 @@ def per_image_counts(ledger) -> pd.DataFrame:
     """Per-image counts of every stage and condition (the full Table 1).
 
     Index: image_id in images.parquet order. Columns (stage, condition): ('anchors', 'rows') =
-    num_anchors and ('anchors', 'iou>=0.5') = num_pos_anchors when known, ('anchors', 'iou>t') and
-    ('raw', 'cls>t' / 'iou>t') from raw_counts.parquet when present, ('pre_nms', ...) and
-    ('post_nms', ...) from candidates: 'rows' (boxes of the stage) and the eleven conditions; no
-    'pre_nms' columns for a post-NMS-only ledger. Needs candidates columns image_id, cls_score,
-    iou, kept.
+    num_anchors when known, ('anchors', 'iou>t') and ('raw', 'cls>t' / 'iou>t') from
+    raw_counts.parquet when present (('anchors', 'iou>0.5') = num_pos_anchors otherwise),
+    ('pre_nms', ...) and ('post_nms', ...) from candidates: 'rows' (boxes of the stage), 'crowd'
+    (rows COCOeval ignores, when the column is there) and the eleven conditions; no 'pre_nms'
+    columns for a post-NMS-only ledger. Needs candidates columns image_id, cls_score, iou, kept
+    (and crowd).
     """
     images, candidates = ledger.images, ledger.candidates
     num_images = len(images)
@@ -137,7 +147,10 @@ def _stage_dict(totals: pd.Series, stage: str) -> dict[str, int]:
 
 
 def stage_totals(per_image: pd.DataFrame, pre_nms: bool = True) -> dict:
-    """metrics.json's "counts", "survival" and "proportions" from `per_image_counts`.
+    """metrics.json's "counts", "survival", "proportions" and "crowd" from `per_image_counts`.
+
+    "crowd" counts, per candidate stage, the rows COCOeval ignores on crowd regions (left out of
+    the correlation pools; their IoU-0 would otherwise make them bad boxes).
 
     pre_nms=False (a post-NMS-only ledger) leaves the pre_nms counts, their proportions and the
     survival rates empty: there is no pre-NMS stage to count. A stage without boxes has no
@@ -147,12 +160,14 @@ def stage_totals(per_image: pd.DataFrame, pre_nms: bool = True) -> dict:
     counts = {stage: _stage_dict(totals, stage) for stage in ("raw", "anchors", "pre_nms", "post_nms")}
     if not pre_nms:
         counts["pre_nms"] = {}
+    crowd = {stage: int(totals[(stage, CROWD)]) for stage in ("pre_nms", "post_nms")
+             if (stage, CROWD) in totals.index and (pre_nms or stage == "post_nms")}
     survival = {key: counts["post_nms"][key] / n for key, n in counts["pre_nms"].items() if n > 0}
     proportions = {}
     for stage in ("pre_nms", "post_nms"):
         size = int(totals.get((stage, ROWS), 0))
         proportions[stage] = {key: n / size for key, n in counts[stage].items()} if size else {}
-    return {"counts": counts, "survival": survival, "proportions": proportions}
+    return {"counts": counts, "survival": survival, "proportions": proportions, "crowd": crowd}
 
 
 def table1(per_image: pd.DataFrame, num_images: int = 10, image_ids=None) -> pd.DataFrame:
@@ -162,7 +177,7 @@ def table1(per_image: pd.DataFrame, num_images: int = 10, image_ids=None) -> pd.
     over every image of the ledger. Stages without data (e.g. raw for an import) are left out.
     """
     shown = per_image.index[:num_images] if image_ids is None else pd.Index(image_ids)
-    order = [(s, c) for s in STAGE_ORDER for c in (ROWS, POSITIVE, *[k for k, _, _ in CONDITIONS])]
+    order = [(s, c) for s in STAGE_ORDER for c in (ROWS, CROWD, *[k for k, _, _ in CONDITIONS])]
     order = [key for key in order if key in per_image.columns]
     table = per_image.loc[shown, order].T
     table.columns = [str(i) for i in shown]

@@ -14,8 +14,11 @@ Inputs, chosen by the file's suffix:
   overlaps the box by more than nms_thresh. With `kept` the detector's own decision is taken as
   is and `suppressed_by` is inferred: the highest-scoring kept box of the same class, scored at
   least as high, overlapping it by more than nms_thresh; -1 where there is none (the detector's
-  NMS may differ from ours). A table whose rows are all kept counts as post-NMS only.
-Truth columns (iou, gt_id, iou_any) come from the ground truth (misalign.truth.match_truth);
+  NMS may differ from ours). A table without `kept` is a pre-NMS pool whatever NMS then does (it
+  may suppress nothing); a table whose `kept` column is true on every row counts as post-NMS only.
+Boxes are kept as float64, and a box given as [x, y, w, h] keeps its own w and h (the ledger's `w`,
+`h`), so AP from the ledger equals pycocotools' on the original file bit for bit.
+Truth columns (iou, gt_id, iou_any, crowd) come from the ground truth (misalign.truth.truth_columns);
 images.parquet lists every image of the ground truth with num_anchors and num_pos_anchors -1
 (unknown); raw_counts.parquet is empty. The ledger is written atomically.
 
@@ -41,7 +44,7 @@ from misalign.coco import annotation_arrays, load_coco_json
 from misalign.errors import InputError
 from misalign.io import atomic_dir
 from misalign.ledger import LedgerWriter
-from misalign.truth import match_truth
+from misalign.truth import truth_columns
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ def _first_problem(checks) -> tuple[int, str] | None:
 def read_predictions(path, gt: dict, gt_name: str = "gt") -> tuple[pd.DataFrame, str]:
     """The predictions in `path` as a checked table and its format ('coco-results' or 'table').
 
-    Returns columns image_id, category_id (int64), x1..y2, score, cls_score, obj_score (float64),
+    Returns columns image_id, category_id (int64), x1..y2, w, h, score, cls_score, obj_score (float64),
     and kept (bool) / level / anchor_idx when the input has them, in input order. gt: the COCO dict
     the ids must exist in. InputError on the first offending row.
     """
@@ -191,6 +194,7 @@ def read_predictions(path, gt: dict, gt_name: str = "gt") -> tuple[pd.DataFrame,
     out = pd.DataFrame({"image_id": image_id.astype(np.int64), "category_id": category_id.astype(np.int64)})
     for column in (*_BOX_COLUMNS, "score"):
         out[column] = values[column]
+    out["w"], out["h"] = width.astype(np.float64), height.astype(np.float64)  # as given, or x2 - x1
     out["cls_score"] = values.get("cls_score", values["score"])
     out["obj_score"] = values.get("obj_score", np.full(len(out), np.nan))
     for column in ("level", "anchor_idx"):
@@ -296,11 +300,10 @@ def _ledger_columns(preds: pd.DataFrame, fmt: str, gt_by_image: dict, nms_thresh
     num = len(preds)
     kept = np.ones(num, bool)
     local_sup = np.full(num, -1, np.int64)
-    iou = np.zeros(num, np.float32)
-    gt_id = np.full(num, -1, np.int64)
-    iou_any = np.zeros(num, np.float32)
+    truth = {"iou": np.zeros(num, np.float32), "gt_id": np.full(num, -1, np.int64),
+             "iou_any": np.zeros(num, np.float32), "crowd": np.zeros(num, bool)}
     image_ids = preds["image_id"].to_numpy()
-    boxes = preds[list(_BOX_COLUMNS)].to_numpy(np.float32).astype(np.float64)  # as the ledger stores them
+    boxes = preds[list(_BOX_COLUMNS)].to_numpy(np.float64)  # [N, 4] exactly as the ledger stores them
     categories = preds["category_id"].to_numpy()
     scores = preds["score"].to_numpy(np.float32)
     starts = np.r_[0, np.flatnonzero(image_ids[1:] != image_ids[:-1]) + 1] if num else np.zeros(0, np.int64)
@@ -314,10 +317,11 @@ def _ledger_columns(preds: pd.DataFrame, fmt: str, gt_by_image: dict, nms_thresh
             kept[s:e] = given_kept[s:e]
             # a kept box scored at least as high: rows are ranked, so "ranked before" (ties: row order)
             local_sup[s:e] = _suppressors(b, c, kept[s:e], nms_thresh)
-        truth = gt_by_image.get(int(image_ids[s]))
-        if truth is not None:
-            iou[s:e], gt_id[s:e], iou_any[s:e] = match_truth(b, c, *truth)
-    return kept, local_sup, iou, gt_id, iou_any
+        gt = gt_by_image.get(int(image_ids[s]))
+        if gt is not None:
+            for name, values in truth_columns(b, c, *gt).items():
+                truth[name][s:e] = values
+    return kept, local_sup, truth
 
 
 def import_predictions(gt_path, predictions_path, out, *, name: str | None = None, nms_thresh: float = 0.5,
@@ -334,11 +338,13 @@ def import_predictions(gt_path, predictions_path, out, *, name: str | None = Non
     order = np.lexsort((-preds["score"].to_numpy(np.float32), preds["image_id"].to_numpy()))
     preds = preds.iloc[order].reset_index(drop=True)
     gt_by_image = _gt_by_image(gt)
-    kept, local_sup, iou, gt_id, iou_any = _ledger_columns(preds, fmt, gt_by_image, nms_thresh, max_det)
-    frame = preds.assign(kept=kept, suppressed_by=local_sup, iou=iou, gt_id=gt_id, iou_any=iou_any)
+    kept, local_sup, truth = _ledger_columns(preds, fmt, gt_by_image, nms_thresh, max_det)
+    frame = preds.assign(kept=kept, suppressed_by=local_sup, **truth)
     if fmt == "coco-results":
         frame = frame.assign(level=-1, anchor_idx=-1)
-    pre_nms = fmt == "table" and not bool(kept.all())
+    # A pool we ran NMS on is pre-NMS even if NMS suppressed nothing; given decisions that keep
+    # every row are a list of final boxes.
+    pre_nms = fmt == "table" and ("kept" not in preds.columns or not bool(kept.all()))
     meta = {
         "detector": {"name": name or predictions_path.stem, "config": None},
         "source": {"predictions": str(predictions_path.resolve()), "format": fmt,

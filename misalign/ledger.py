@@ -41,15 +41,21 @@ from misalign.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # meta.json "schema_version"; bumped when a column changes meaning or type
+SCHEMA_VERSION = 2  # meta.json "schema_version"; bumped when a column changes meaning or type
+# Version history: 1 had float32 boxes and no w, h, crowd, cl_nms_score columns (still read: see
+# LEGACY_CANDIDATE_COLUMNS).
 
-_F32, _I64 = pa.float32(), pa.int64()
+_F32, _F64, _I64 = pa.float32(), pa.float64(), pa.int64()
 
 CANDIDATE_SCHEMA = pa.schema([
     ("cand_id", _I64),  # unique in the dump
     ("image_id", _I64),
     ("category_id", _I64),  # the dataset's category id
-    ("x1", _F32), ("y1", _F32), ("x2", _F32), ("y2", _F32),  # original-image pixels
+    ("x1", _F64), ("y1", _F64), ("x2", _F64), ("y2", _F64),  # original-image pixels
+    # COCO's [x, y, w, h] is (x1, y1, w, h): w, h as the detector gave them (a COCO results file's own
+    # numbers; x2 - x1 for a box given by its corners). pycocotools takes its areas and IoUs from w, h,
+    # and x1 + w (exactly x2) as the far edge: w = x2 - x1 recomputed would differ in the last bit.
+    ("w", _F64), ("h", _F64),
     ("cls_score", _F32),  # sigmoid class probability
     ("obj_score", _F32),  # object-confidence / IoU-branch probability; NaN where none
     ("score", _F32),  # what NMS ranked by
@@ -60,6 +66,8 @@ CANDIDATE_SCHEMA = pa.schema([
     ("iou", _F32),  # max IoU with a non-crowd gt of the same category; 0 if none
     ("gt_id", _I64),  # annotation id of that gt; -1 when iou is 0
     ("iou_any", _F32),  # max IoU with a non-crowd gt of any category
+    ("crowd", pa.bool_()),  # COCOeval ignores it at IoU 0.5 (matches a crowd region of its category, no gt)
+    ("cl_nms_score", _F32),  # the CL-balanced NMS selection score; NaN without CL-NMS
 ])
 
 IMAGE_SCHEMA = pa.schema([
@@ -68,7 +76,7 @@ IMAGE_SCHEMA = pa.schema([
     ("width", _I64), ("height", _I64),  # original image size in pixels
     ("num_gt", _I64),  # non-crowd ground-truth boxes (the ones `iou` is measured against)
     ("num_anchors", _I64),  # anchors of the image; -1 unknown (imports)
-    ("num_pos_anchors", _I64),  # anchors with IoU >= 0.5 to a non-crowd gt (Positive_NUM); -1 unknown
+    ("num_pos_anchors", _I64),  # anchors with IoU > 0.5 to a non-crowd gt (Positive_NUM); -1 unknown
 ])
 
 RAW_COUNT_SCHEMA = pa.schema([
@@ -95,7 +103,11 @@ RAW_SCHEMA = pa.schema([  # raw.parquet: every anchor of the first N images (opt
 ])
 
 # Values the writer fills in for optional columns the caller leaves out.
-_CANDIDATE_DEFAULTS = {"obj_score": np.nan, "level": -1, "anchor_idx": -1}
+_CANDIDATE_DEFAULTS = {"obj_score": np.nan, "level": -1, "anchor_idx": -1, "crowd": False, "cl_nms_score": np.nan}
+# Columns a schema-1 ledger (or another tool's writer) may lack, read as: w = x2 - x1, h = y2 - y1,
+# crowd false, cl_nms_score NaN. Its float32 boxes are read as float64.
+LEGACY_CANDIDATE_COLUMNS = ("w", "h", "crowd", "cl_nms_score")
+_WIDENED = {"x1", "y1", "x2", "y2"}  # float64 columns that schema 1 wrote as float32
 _IMAGE_DEFAULTS = {"num_anchors": -1, "num_pos_anchors": -1}
 _RAW_DEFAULTS = {"level": -1, "obj_score": np.nan, "anchor_x1": np.nan, "anchor_y1": np.nan,
                  "anchor_x2": np.nan, "anchor_y2": np.nan, "anchor_iou": np.nan}
@@ -173,8 +185,9 @@ class LedgerWriter:
     def add_candidates(self, frame: pd.DataFrame) -> np.ndarray:
         """Append candidate rows of whole images; returns their new cand_ids [N] int64.
 
-        `frame` has every CANDIDATE_SCHEMA column but `cand_id` (obj_score, level, anchor_idx are
-        optional: NaN, -1, -1) and `suppressed_by` as a per-image row position (see the class doc).
+        `frame` has every CANDIDATE_SCHEMA column but `cand_id` (optional: obj_score NaN, level -1,
+        anchor_idx -1, crowd false, cl_nms_score NaN, w and h x2 - x1 and y2 - y1) and
+        `suppressed_by` as a per-image row position (see the class doc).
         """
         if "cand_id" in frame.columns:
             raise ValueError("add_candidates: the writer assigns cand_id; pass suppressed_by as a per-image row position")
@@ -200,6 +213,9 @@ class LedgerWriter:
         if np.any((local < -1) | (local >= size)):
             raise ValueError("add_candidates: suppressed_by must be -1 or a row position within the same image")
         columns = {name: frame[name] for name in frame.columns}
+        for size, (lo, hi) in (("w", ("x1", "x2")), ("h", ("y1", "y2"))):
+            if size not in columns and lo in columns and hi in columns:  # corners given: exact in float64
+                columns[size] = np.asarray(frame[hi], np.float64) - np.asarray(frame[lo], np.float64)
         columns["cand_id"] = cand_id
         columns["suppressed_by"] = np.where(local >= 0, base + first + local, -1)
         table = _to_table(columns, CANDIDATE_SCHEMA, _CANDIDATE_DEFAULTS, CANDIDATES)
@@ -252,14 +268,12 @@ class LedgerWriter:
             return
         score = table.column("score").to_numpy()[rows]
         rows = rows[np.lexsort((-score, run[rows]))]
-        col = {name: table.column(name).to_numpy()[rows] for name in ("image_id", "category_id", "score")}
-        box = np.stack([table.column(n).to_numpy()[rows] for n in ("x1", "y1", "x2", "y2")], axis=1)
-        box = box.astype(np.float64)  # exact: float32 values and their differences fit float64
+        col = {name: table.column(name).to_numpy()[rows]
+               for name in ("image_id", "category_id", "x1", "y1", "w", "h", "score")}
+        # repr of a float64 round-trips exactly, so pycocotools reads back the ledger's own numbers
         parts = [
             f'{{"image_id": {i}, "category_id": {c}, "bbox": [{x!r}, {y!r}, {w!r}, {h!r}], "score": {s!r}}}'
-            for i, c, x, y, w, h, s in zip(col["image_id"].tolist(), col["category_id"].tolist(),
-                                           box[:, 0].tolist(), box[:, 1].tolist(),
-                                           (box[:, 2] - box[:, 0]).tolist(), (box[:, 3] - box[:, 1]).tolist(),
+            for i, c, x, y, w, h, s in zip(*(col[n].tolist() for n in ("image_id", "category_id", "x1", "y1", "w", "h")),
                                            col["score"].astype(np.float64).tolist())
         ]
         self._detections.write(("," if self._num_kept else "") + "\n" + ",\n".join(parts))
@@ -346,8 +360,27 @@ def read_meta(folder) -> dict:
 
 
 def read_candidates(folder, columns=None) -> pd.DataFrame:
-    """candidates.parquet as a DataFrame with only `columns` (default all), schema dtypes."""
-    return _read_table(Path(folder) / CANDIDATES, CANDIDATE_SCHEMA, columns)
+    """candidates.parquet as a DataFrame with only `columns` (default all), schema dtypes.
+
+    A schema-1 file is read as schema 2: float32 boxes become float64, and the columns it lacks
+    (LEGACY_CANDIDATE_COLUMNS) are derived: w = x2 - x1, h = y2 - y1, crowd false, cl_nms_score NaN.
+    """
+    path = Path(folder) / CANDIDATES
+    columns = list(CANDIDATE_SCHEMA.names if columns is None else columns)
+    present = set(_parquet_schema(path).names) if path.is_file() else set(CANDIDATE_SCHEMA.names)
+    absent = [c for c in columns if c in LEGACY_CANDIDATE_COLUMNS and c not in present]
+    corners = {"w": ("x1", "x2"), "h": ("y1", "y2")}
+    needed = {edge for c in absent if c in corners for edge in corners[c]}
+    stored = [c for c in columns if c not in absent] + sorted(needed - set(columns))
+    frame = _read_table(path, CANDIDATE_SCHEMA, stored)
+    for column in absent:
+        if column in corners:
+            lo, hi = corners[column]
+            frame[column] = frame[hi].to_numpy(np.float64) - frame[lo].to_numpy(np.float64)
+        else:
+            frame[column] = _CANDIDATE_DEFAULTS[column]
+            frame[column] = frame[column].astype(CANDIDATE_SCHEMA.field(column).type.to_pandas_dtype())
+    return frame[columns]
 
 
 def read_images(folder) -> pd.DataFrame:
@@ -386,6 +419,8 @@ def _read_table(path: Path, schema: pa.Schema, columns) -> pd.DataFrame:
     for field in schema:  # strings as plain object/str columns whatever the writer used
         if field.name in frame.columns and pa.types.is_string(field.type):
             frame[field.name] = frame[field.name].astype(str)
+        elif field.name in frame.columns and field.type == _F64 and frame[field.name].dtype != np.float64:
+            frame[field.name] = frame[field.name].astype(np.float64)  # a schema-1 float32 box, exactly
     return frame
 
 
@@ -400,7 +435,9 @@ def _check_folder(folder: Path) -> None:
             raise InputError(f"{folder / name}: missing (a ledger folder has {', '.join(LEDGER_FILES)})")
 
 
-def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
+def _same_type(actual: pa.DataType, expected: pa.DataType, column: str = "") -> bool:
+    if column in _WIDENED and actual == _F32:  # schema 1's boxes
+        return True
     if pa.types.is_string(expected):  # any string encoding will do
         if pa.types.is_dictionary(actual):
             actual = actual.value_type
@@ -408,14 +445,18 @@ def _same_type(actual: pa.DataType, expected: pa.DataType) -> bool:
     return actual == expected
 
 
+def _parquet_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+
+
 def _check_schema(path: Path, schema: pa.Schema, columns) -> None:
     """InputError naming `path` if it is not Parquet or lacks `columns` with `schema`'s dtypes."""
     if not path.is_file():
         raise InputError(f"{path}: missing")
-    try:
-        actual = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    actual = _parquet_schema(path)
     unknown = [c for c in columns if c not in schema.names]
     if unknown:
         raise ValueError(f"{path.name}: no such ledger column(s) {', '.join(unknown)}")
@@ -425,7 +466,7 @@ def _check_schema(path: Path, schema: pa.Schema, columns) -> None:
     for column in columns:
         expected = schema.field(column).type
         found = actual.field(column).type
-        if not _same_type(found, expected):
+        if not _same_type(found, expected, column):
             raise InputError(f"{path}: column {column} is {found}, expected {expected}")
 
 
@@ -447,7 +488,11 @@ def validate_ledger(folder, check_content: bool = True) -> None:
     read_meta(folder)
     for name, schema in _SCHEMAS.items():
         if name != RAW or (folder / name).exists():
-            _check_schema(folder / name, schema, schema.names)
+            columns = schema.names
+            if name == CANDIDATES:  # a schema-1 ledger lacks these; read_candidates derives them
+                present = set(_parquet_schema(folder / name).names)
+                columns = [c for c in columns if c not in LEGACY_CANDIDATE_COLUMNS or c in present]
+            _check_schema(folder / name, schema, columns)
     if not check_content:
         return
     images = pq.read_table(folder / IMAGES, columns=["image_id"]).column("image_id").to_numpy()
@@ -490,13 +535,16 @@ def _check_known(path: Path, values: np.ndarray, known_sorted: np.ndarray, colum
 def _check_candidates(path: Path, known_images: np.ndarray) -> None:
     columns = ["cand_id", "image_id", "x1", "y1", "x2", "y2", "cls_score", "score", "kept", "suppressed_by",
                "iou", "iou_any"]
-    table = pq.read_table(path, columns=columns)
-    col = {name: table.column(name).to_numpy() for name in columns}
+    sizes = [c for c in ("w", "h") if c in _parquet_schema(path).names]
+    table = pq.read_table(path, columns=columns + sizes)
+    col = {name: table.column(name).to_numpy() for name in columns + sizes}
     ids = col["cand_id"]
     _check_unique(path, ids, "cand_id")
     _check_known(path, col["image_id"], known_images, "image_id")
-    for name in ("x1", "y1", "x2", "y2", "cls_score", "score"):
+    for name in ("x1", "y1", "x2", "y2", *sizes, "cls_score", "score"):
         _first_bad(path, ~np.isfinite(col[name]), f"{name} is not finite", ids)
+    for name in sizes:
+        _first_bad(path, col[name] < 0, f"{name} is negative", ids)
     _first_bad(path, col["x2"] < col["x1"], "inverted box (x2 < x1)", ids)
     _first_bad(path, col["y2"] < col["y1"], "inverted box (y2 < y1)", ids)
     for name in ("iou", "iou_any"):

@@ -28,8 +28,6 @@ Public API:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -39,17 +37,17 @@ import numpy as np
 import pandas as pd
 
 from misalign import counts as _counts
-from misalign.cocoeval import STAT_KEYS, evaluate_detections, load_gt_quietly
+from misalign.cocoeval import STAT_KEYS, engine_info, evaluate_detections, load_ground_truth
 from misalign.correlation import (RankedPool, bootstrap_counts, correlation_pool, per_gt_spearman,
-                                  percentile_ci, rank_correlations)
+                                  percentile_ci, pool_mask, rank_correlations)
 from misalign.errors import InputError
 from misalign.ledger import Ledger, read_ledger
 
 log = logging.getLogger(__name__)
 
 METRICS_SCHEMA = 1
-ANALYSIS_COLUMNS = ["image_id", "category_id", "x1", "y1", "x2", "y2", "cls_score", "obj_score", "score",
-                    "kept", "iou", "gt_id"]  # the candidates columns every analysis needs
+ANALYSIS_COLUMNS = ["image_id", "category_id", "x1", "y1", "x2", "y2", "w", "h", "cls_score", "obj_score",
+                    "score", "kept", "iou", "gt_id", "crowd"]  # the candidates columns every analysis needs
 SCORE_COLUMNS = ("cls_score", "obj_score", "score")
 DEFAULT_BOOTSTRAP = 200  # resamples; each costs ~0.1 s on a COCO-sized pool (1.5 M rows, 3 score columns)
 HEADLINE_CONDITIONS = ("iou>0.5", "cls>0.5")  # survival rates with bootstrap replicates
@@ -58,63 +56,19 @@ HEADLINE_CONDITIONS = ("iou>0.5", "cls>0.5")  # survival rates with bootstrap re
 # --- AP ------------------------------------------------------------------------------------------
 
 
-def load_ground_truth(path, backend: str = "auto"):
-    """The COCO ground truth in `path` for AP: faster-coco-eval's COCO ('faster'), pycocotools'
-    ('pycocotools'), or faster-coco-eval when installed ('auto'). InputError if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: ground-truth file not found")
-    if backend not in ("auto", "faster", "pycocotools"):
-        raise ValueError(f"unknown AP backend {backend!r}")
-    if backend in ("auto", "faster"):
-        try:
-            from faster_coco_eval import COCO as FasterCOCO
-        except ImportError:
-            if backend == "faster":
-                raise InputError("--ap-backend: faster-coco-eval is not installed") from None
-        else:
-            return _load_quietly(FasterCOCO, path)
-    return _load_quietly(None, path)
-
-
-def _load_quietly(cls, path: Path):
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return load_gt_quietly(path) if cls is None else cls(str(path))
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{path}: not a COCO annotation file ({err})") from None
-
-
-def _is_faster(coco_gt) -> bool:
-    return type(coco_gt).__module__.startswith("faster_coco_eval")
-
-
 def evaluate_ap(coco_gt, kept: pd.DataFrame, image_ids) -> dict[str, float]:
-    """COCOeval bbox stats (STAT_KEYS) of the rows `kept` (image_id, category_id, x1..y2, score).
+    """COCOeval bbox stats (STAT_KEYS) of the rows `kept` (image_id, category_id, x1, y1, w, h, score).
 
-    coco_gt from `load_ground_truth` (either backend; both give identical numbers); image_ids:
-    every image to evaluate (images without detections count their misses).
+    coco_gt from `load_ground_truth` (either engine; both give identical numbers); image_ids:
+    every image to evaluate (images without detections count their misses). Without w, h (a frame
+    made elsewhere) the box's COCO size is x2 - x1, y2 - y1.
     """
     x1, y1 = kept["x1"].to_numpy(np.float64), kept["y1"].to_numpy(np.float64)
-    dets = np.column_stack([
-        kept["image_id"].to_numpy(np.float64), x1, y1,
-        kept["x2"].to_numpy(np.float64) - x1, kept["y2"].to_numpy(np.float64) - y1,
-        kept["score"].to_numpy(np.float64), kept["category_id"].to_numpy(np.float64),
-    ])  # [N, 7] pycocotools' loadNumpyAnnotations layout
-    if not _is_faster(coco_gt):
-        return evaluate_detections(coco_gt, dets, image_ids)
-    from faster_coco_eval import COCOeval_faster
-
-    if len(dets) == 0:
-        return {key: 0.0 for key in STAT_KEYS}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(dets)
-        evaluator = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *args: None)
-        evaluator.params.imgIds = sorted(int(i) for i in image_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {key: float(value) for key, value in zip(STAT_KEYS, evaluator.stats)}
+    w = kept["w"].to_numpy(np.float64) if "w" in kept.columns else kept["x2"].to_numpy(np.float64) - x1
+    h = kept["h"].to_numpy(np.float64) if "h" in kept.columns else kept["y2"].to_numpy(np.float64) - y1
+    dets = np.column_stack([kept["image_id"].to_numpy(np.float64), x1, y1, w, h,
+                            kept["score"].to_numpy(np.float64), kept["category_id"].to_numpy(np.float64)])
+    return evaluate_detections(coco_gt, dets, image_ids)  # [N, 7] pycocotools' loadNumpyAnnotations layout
 
 
 def check_ground_truth(ledger: Ledger, coco_gt, gt_name: str) -> None:
@@ -183,9 +137,7 @@ def _score_columns(candidates: pd.DataFrame) -> list[str]:
 
 def _shared_pools(candidates: pd.DataFrame, columns, min_iou: float) -> list[list[str]]:
     """Score columns grouped by identical pools (same rows): each group shares one RankedPool."""
-    iou = candidates["iou"].to_numpy()
-    in_pool = iou >= np.asarray(min_iou, iou.dtype)
-    masks = {c: in_pool & np.isfinite(candidates[c].to_numpy()) for c in columns}
+    masks = {c: pool_mask(candidates, c, min_iou) for c in columns}
     groups: list[list[str]] = []
     for column in columns:
         same = next((g for g in groups if np.array_equal(masks[g[0]], masks[column])), None)
@@ -277,13 +229,15 @@ def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
 
     metrics = {
         "ap": ap,
+        "ap_engine": engine_info(coco_gt),
         "counts": totals["counts"],
         "survival": totals["survival"],
         "proportions": totals["proportions"],
+        "crowd": totals["crowd"],
         "correlation": correlation,
     }
     settings = {"min_iou": min_iou, "bootstrap": int(bootstrap), "seed": seed, "min_count": min_count,
-                "ap_backend": "faster-coco-eval" if _is_faster(coco_gt) else "pycocotools",
+                "ap_backend": engine_info(coco_gt)["name"],
                 "pool": "pre_nms" if ledger.pre_nms else "post_nms"}
     return Analysis(name=name or ledger.name, metrics=metrics, per_image=per_image, per_gt=per_gt,
                     replicates=replicates, image_ids=image_ids, settings=settings)

@@ -7,8 +7,10 @@ positive). Threshold counts are strict `>` and compare in the values' own dtype,
 
 Public API:
 - match_truth(pred_boxes, pred_category, gt_boxes, gt_category, gt_ids, gt_iscrowd) -> (iou, gt_id, iou_any)
+- crowd_ignored(pred_boxes, pred_category, iou, gt_boxes, gt_category, gt_iscrowd) -> [N] bool
+- truth_columns(pred_boxes, pred_category, gt_boxes, gt_category, gt_ids, gt_iscrowd) -> {iou, gt_id, iou_any, crowd}
 - max_iou_any(boxes, gt_boxes, gt_iscrowd) -> [N] float32
-- count_positive_anchors(anchors, gt_boxes, gt_iscrowd, thresh=0.5) -> int
+- count_positive_anchors(anchors, gt_boxes, gt_iscrowd) -> int (IoU > POSITIVE_IOU)
 - threshold_counts(values, thresholds) -> [T] int64
 - raw_counts_rows(image_id, raw_cls, raw_iou, anchor_iou=None) -> DataFrame (RAW_COUNT_SCHEMA columns)
 - CLS_THRESHOLDS, IOU_THRESHOLDS: the paper's Table 1 thresholds
@@ -19,10 +21,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from misalign.boxes import box_iou
+from misalign.boxes import box_area, box_iou
 
 CLS_THRESHOLDS = (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)  # Table 1: cls > t
 IOU_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # Table 1: IoU > t
+POSITIVE_IOU = 0.5  # a positive anchor has IoU > 0.5 with a gt box (the paper's Positive_NUM)
+CROWD_IOU = 0.5  # the COCOeval IoU threshold at which `crowd` marks the boxes it would ignore
 
 
 def match_truth(pred_boxes, pred_category, gt_boxes, gt_category, gt_ids, gt_iscrowd):
@@ -51,6 +55,32 @@ def match_truth(pred_boxes, pred_category, gt_boxes, gt_category, gt_ids, gt_isc
     return iou.astype(np.float32), gt_id.astype(np.int64), pairwise.max(axis=1).astype(np.float32)
 
 
+def crowd_ignored(pred_boxes, pred_category, iou, gt_boxes, gt_category, gt_iscrowd) -> np.ndarray:
+    """[N] bool: the predictions COCOeval ignores at IoU CROWD_IOU instead of counting them as false.
+
+    COCOeval matches a detection to a crowd region of its category when it matches no ordinary
+    ground truth and covers the region by intersection / (the detection's own area) >= the
+    threshold; such a detection is neither a true nor a false positive. Here "matches no ordinary
+    ground truth" is `iou` < CROWD_IOU (the same-category IoU of `match_truth`), ignoring which
+    higher-scored box COCOeval's greedy matching may have given that ground truth to.
+    pred_boxes [N, 4] xyxy, pred_category [N], iou [N]; gt_boxes [M, 4], gt_category [M], gt_iscrowd [M].
+    """
+    pred_boxes = np.asarray(pred_boxes, dtype=np.float64).reshape(-1, 4)
+    crowd = np.asarray(gt_iscrowd, dtype=bool).reshape(-1)
+    result = np.zeros(len(pred_boxes), bool)
+    if not crowd.any() or not len(pred_boxes):
+        return result
+    regions = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)[crowd]  # [R, 4]
+    same = np.asarray(pred_category).reshape(-1)[:, None] == np.asarray(gt_category).reshape(-1)[crowd][None, :]
+    top_left = np.maximum(pred_boxes[:, None, :2], regions[None, :, :2])  # [N, R, 2]
+    wh = np.clip(np.minimum(pred_boxes[:, None, 2:], regions[None, :, 2:]) - top_left, 0, None)
+    own_area = box_area(pred_boxes)[:, None]  # [N, 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cover = np.where(own_area > 0, wh[..., 0] * wh[..., 1] / own_area, 0.0)  # [N, R]
+    covered = (np.where(same, cover, 0.0) >= CROWD_IOU).any(axis=1)
+    return covered & (np.asarray(iou).reshape(-1) < np.float32(CROWD_IOU))
+
+
 def max_iou_any(boxes, gt_boxes, gt_iscrowd) -> np.ndarray:
     """[N] float32: each box's max IoU with any non-crowd gt box (0 if there is none)."""
     boxes = np.asarray(boxes).reshape(-1, 4)
@@ -60,12 +90,13 @@ def max_iou_any(boxes, gt_boxes, gt_iscrowd) -> np.ndarray:
     return box_iou(boxes, gt_boxes).max(axis=1).astype(np.float32)
 
 
-def count_positive_anchors(anchors, gt_boxes, gt_iscrowd, thresh: float = 0.5) -> int:
-    """Anchors [A, 4] xyxy with IoU >= thresh to some non-crowd gt: the paper's Positive_NUM.
+def count_positive_anchors(anchors, gt_boxes, gt_iscrowd) -> int:
+    """Anchors [A, 4] xyxy with IoU > POSITIVE_IOU to some non-crowd gt: the paper's Positive_NUM.
 
-    `>=` as in the fg threshold of the IoU assigner; the IoU is taken as float32, like the ledger's.
+    Strict `>` on the float32 IoU, exactly the raw_counts 'anchors' / 'iou' > 0.5 count. (Training's
+    assigner takes IoU >= 0.5 plus low-quality matches as foreground; this count is the paper's.)
     """
-    return int(np.count_nonzero(max_iou_any(anchors, gt_boxes, gt_iscrowd) >= np.float32(thresh)))
+    return int(threshold_counts(max_iou_any(anchors, gt_boxes, gt_iscrowd), [POSITIVE_IOU])[0])
 
 
 def threshold_counts(values, thresholds) -> np.ndarray:
@@ -105,3 +136,11 @@ def raw_counts_rows(image_id: int, raw_cls, raw_iou, anchor_iou=None) -> pd.Data
         "threshold": np.asarray(threshold, np.float64),
         "count": np.concatenate(count).astype(np.int64),
     })
+
+
+def truth_columns(pred_boxes, pred_category, gt_boxes, gt_category, gt_ids, gt_iscrowd) -> dict[str, np.ndarray]:
+    """The ledger's truth columns of N predictions of one image: iou, gt_id, iou_any (`match_truth`)
+    and crowd (`crowd_ignored`); arguments as `match_truth`'s."""
+    iou, gt_id, iou_any = match_truth(pred_boxes, pred_category, gt_boxes, gt_category, gt_ids, gt_iscrowd)
+    crowd = crowd_ignored(pred_boxes, pred_category, iou, gt_boxes, gt_category, gt_iscrowd)
+    return {"iou": iou, "gt_id": gt_id, "iou_any": iou_any, "crowd": crowd}

@@ -373,8 +373,11 @@ def table1_tables(views, config, palette) -> list[Table]:
         table = Table(f"table1_{_slug(v.name)}", shown, (
             f"Table 1 for {v.name}: per image (the first {config.num_images} of images.parquet) and summed over all "
             "images ('all'), how many boxes meet each condition at each stage; 'rows' is the stage's size.",
-            "Positive anchors: anchors with IoU ≥ 0.5 to a ground truth; raw: every anchor's decoded box; before NMS: "
-            "the candidates that entered NMS; after NMS: the kept detections. Conditions are strict '>'."),
+            "Positive anchors: anchors with IoU > 0.5 to a ground truth; raw: every anchor's decoded box; before NMS: "
+            "the candidates that entered NMS; after NMS: the kept detections. Conditions are strict '>'. IoU rule: the "
+            "anchors and raw rows take a box's best IoU with a ground truth of any category (an anchor has no class "
+            "yet); the before- and after-NMS rows its IoU with one of its own category (the ledger's iou). 'crowd': "
+            "boxes COCOeval ignores on a crowd region of their category (left out of the correlations)."),
             formats={c: fmt_count for c in shown.columns[2:]}, left=("condition",), groups="stage")
         table.detector, table.num_shown = v.name, len(v.shown_ids)
         table.csv = csv

@@ -61,7 +61,11 @@ def test_writer_round_trip(tmp_path):
     # local positions became global cand_ids: image 2's row 2 points to its row 1 = cand 5
     np.testing.assert_array_equal(cands["suppressed_by"], [-1, 0, -1, 0, -1, -1, 5, -1])
     assert cands["obj_score"].isna().all() and (cands["level"] == -1).all() and (cands["anchor_idx"] == -1).all()
-    assert cands["x1"].dtype == np.float32 and cands["level"].dtype == np.int8 and cands["kept"].dtype == bool
+    assert cands["x1"].dtype == np.float64 and cands["level"].dtype == np.int8 and cands["kept"].dtype == bool
+    # corners given: w, h are x2 - x1, y2 - y1; the optional columns get their defaults
+    np.testing.assert_array_equal(cands["w"], [10, 10, 10, 9.5, 20, 20, 20, 10])
+    np.testing.assert_array_equal(cands["h"], [10, 10, 10, 10, 30, 31, 29, 10])
+    assert not cands["crowd"].any() and cands["cl_nms_score"].isna().all()
     images = read_ledger(folder).images
     assert (images["num_anchors"] == -1).all() and images["file_name"].tolist() == ["a.jpg", "b.jpg"]
     raw = read_raw(folder)

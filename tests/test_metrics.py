@@ -286,7 +286,9 @@ def test_hand_worked_counts_and_survival(tmp_path):
     assert m["counts"]["post_nms"] == {"cls>0.05": 3, "cls>0.5": 1, "cls>0.6": 1, "cls>0.7": 1, "cls>0.8": 1,
                                        "cls>0.9": 0, "iou>0.5": 1, "iou>0.6": 1, "iou>0.7": 0, "iou>0.8": 0,
                                        "iou>0.9": 0}
-    assert m["counts"]["raw"] == {} and m["counts"]["anchors"] == {}
+    # no raw_counts: the positive anchors come from images.parquet num_pos_anchors, under the same key
+    assert m["counts"]["raw"] == {} and m["counts"]["anchors"] == {"iou>0.5": 6}
+    assert m["crowd"] == {"pre_nms": 0, "post_nms": 0}
     assert m["survival"] == pytest.approx({"cls>0.05": 3 / 5, "cls>0.5": 1 / 3, "cls>0.6": 1.0, "cls>0.7": 1.0,
                                            "cls>0.8": 1.0, "iou>0.5": 1 / 3, "iou>0.6": 1 / 3, "iou>0.7": 0.0,
                                            "iou>0.8": 0.0, "iou>0.9": 0.0})
@@ -300,7 +302,7 @@ def test_hand_worked_counts_and_survival(tmp_path):
     assert "obj_score" not in m["correlation"]
     table = analysis.table1()
     assert list(table.columns) == ["1", "2", "all"]
-    assert table.loc[("anchors", "iou>=0.5")].tolist() == [4, 2, 6]
+    assert table.loc[("anchors", "iou>0.5")].tolist() == [4, 2, 6]
     assert table.loc[("pre_nms", "iou>0.5")].tolist() == [2, 1, 3]
     assert table.loc[("post_nms", "rows")].tolist() == [1, 2, 3]
     props = analysis.per_image_proportions().set_index(["image_id", "condition"])
@@ -329,6 +331,7 @@ def test_post_nms_only_ledger(tmp_path):
     assert analysis.per_image_proportions()["pre_nms"].isna().all()
     assert m["counts"]["pre_nms"] == {} and m["survival"] == {} and m["proportions"]["pre_nms"] == {}
     assert m["counts"]["raw"] == {} and m["counts"]["anchors"] == {}
+    assert m["crowd"] == {"post_nms": 0}  # no pre-NMS stage
     kept = read_candidates(folder)
     assert m["counts"]["post_nms"] == slow_counts(kept)
     assert list(m["correlation"]) == ["cls_score", "score"]  # obj_score all NaN

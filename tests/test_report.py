@@ -97,7 +97,8 @@ def test_metrics_json_is_compute_metrics_unchanged(ledgers, pair_report):
     assert list(metrics) == ["schema", "detectors"] and list(metrics["detectors"]) == ["base", "conf"]
     conditions = [f"cls>{t:g}" for t in (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)] + [f"iou>{t:g}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)]
     for name, m in metrics["detectors"].items():
-        assert set(m) == {"ap", "counts", "survival", "proportions", "correlation"}
+        assert set(m) == {"ap", "ap_engine", "counts", "survival", "proportions", "crowd", "correlation"}
+        assert m["ap_engine"]["name"] in ("pycocotools", "faster-coco-eval") and m["ap_engine"]["version"]
         assert list(m["ap"]) == list(STAT_KEYS)
         assert set(m["counts"]) == {"raw", "anchors", "pre_nms", "post_nms"}
         for stage in ("raw", "pre_nms", "post_nms"):

@@ -90,11 +90,13 @@ def test_positive_anchors_and_max_iou_any():
     crowd[:5] = True
     best = [max([slow_iou(a, g) for g, c in zip(gt, crowd) if not c]) for a in anchors]
     np.testing.assert_allclose(max_iou_any(anchors, gt, crowd), best, atol=1e-7)
-    expected = sum(np.float32(v) >= np.float32(0.5) for v in best)
+    expected = sum(np.float32(v) > np.float32(0.5) for v in best)
     assert count_positive_anchors(anchors, gt, crowd) == expected
     assert expected > 5
-    # IoU exactly 0.5 is positive (>=): a 10x10 anchor against a 10x20 gt containing it
-    assert count_positive_anchors([[0, 0, 10, 10]], [[0, 0, 10, 20]], [False]) == 1
+    # The paper's Positive_NUM is IoU > 0.5: a 10x10 anchor in a 10x20 gt (IoU exactly 0.5) is not
+    # positive; in a 10x19 gt (IoU 100/190) it is.
+    assert count_positive_anchors([[0, 0, 10, 10]], [[0, 0, 10, 20]], [False]) == 0
+    assert count_positive_anchors([[0, 0, 10, 10]], [[0, 0, 10, 19]], [False]) == 1
     assert count_positive_anchors(anchors, np.zeros((0, 4)), []) == 0
 
 

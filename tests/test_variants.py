@@ -89,14 +89,18 @@ def test_cl_nms_changes_the_survivor_and_the_ledger_follows():
     assert plain["anchor_idx"][plain["kept"]].tolist() == [0, 3]  # greedy NMS keeps the top box
     settings = PostprocessSettings(cl_nms=True)
     cand = postprocess_image(logits, deltas, None, CLUSTER_BOXES, [4], (100, 100), coder, settings)
-    # Ranked by the CL-NMS score: box 1 (1.845) > box 0 (1.763) > box 2 (1.654) > box 3 (1.6).
-    assert cand["anchor_idx"].tolist() == [1, 0, 2, 3]
-    torch.testing.assert_close(cand["score"], torch.tensor([CL_SCORES[i] for i in (1, 0, 2, 3)]))
-    torch.testing.assert_close(cand["cls_score"], CLUSTER_SCORES[[1, 0, 2, 3]])
-    # Box 1, nearest the weighted centre, survives; boxes 0 and 2 (IoU 90/110 with it) are suppressed by it.
-    assert cand["kept"].tolist() == [True, False, False, True]
-    suppressed_by = find_suppressors(cand["boxes"], cand["score"], cand["labels"], cand["survivors"], 0.5)
-    assert suppressed_by.tolist() == [-1, 0, 0, -1]
+    # The CL-NMS score only chooses: candidates stay in the detector's score order with its own scores.
+    assert cand["anchor_idx"].tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(cand["score"], CLUSTER_SCORES)
+    torch.testing.assert_close(cand["cl_nms_score"], torch.tensor(CL_SCORES))
+    # Box 1 (s 1.845), nearest the weighted centre, survives; boxes 0 and 2 (IoU 90/110 with it) are
+    # suppressed by it. The isolated box 3 got the full +1 (s 1.6) but keeps its 0.6 and ranks below box 1.
+    assert cand["kept"].tolist() == [False, True, False, True]
+    torch.testing.assert_close(cand["score"][cand["kept"]], torch.tensor([0.85, 0.6]))
+    survivors = cand["survivors"][torch.sort(cand["cl_nms_score"][cand["survivors"]], descending=True).indices]
+    suppressed_by = find_suppressors(cand["boxes"], cand["cl_nms_score"], cand["labels"], survivors, 0.5)
+    assert suppressed_by.tolist() == [1, -1, 1, -1]
+    assert torch.isnan(plain["cl_nms_score"]).all()  # no CL-NMS: NaN
 
 
 def test_cl_nms_handles_no_candidates():
@@ -114,7 +118,8 @@ def test_every_method_is_a_model_name():
 
 
 def _check_ledger(model, images):
-    """predict_with_candidates = eval output + candidates whose kept/suppressed_by follow greedy NMS on `score`."""
+    """predict_with_candidates = eval output + candidates whose kept/suppressed_by follow greedy NMS on the
+    NMS's ranking (`score`, or `cl_nms_score` under CL-NMS)."""
     with torch.no_grad():
         detections = model(images)
     results = model.predict_with_candidates(images)
@@ -132,7 +137,8 @@ def _check_ledger(model, images):
         assert len(losers) > 0
         sup = cand["suppressed_by"][losers]
         assert bool((cand["labels"][sup] == cand["labels"][losers]).all())
-        assert bool((cand["score"][sup] >= cand["score"][losers]).all())
+        nms_rank = cand["cl_nms_score"] if model.cfg.cl_nms else cand["score"]  # what NMS ranked by
+        assert bool((nms_rank[sup] >= nms_rank[losers]).all())
         iou = box_iou(cand["boxes"][losers], cand["boxes"][sup]).diagonal()
         assert bool((iou > thresh - 1e-6).all())
         # No two survivors of one class overlap by more than nms_thresh.
@@ -161,9 +167,10 @@ def test_variant_trains_a_step_predicts_and_round_trips(name):
     results = _check_ledger(model, images)
     if name == "cl-nms":
         cand = results[0]["candidates"]
-        # The CL-NMS score is the class probability plus a closeness term in [0, β = 1].
-        extra = cand["score"] - cand["cls_score"]
+        # The CL-NMS score is the class probability plus a closeness term in [0, β = 1]; `score` stays cls.
+        extra = cand["cl_nms_score"] - cand["cls_score"]
         assert bool((extra >= -1e-6).all()) and bool((extra <= 1 + 1e-6).all()) and float(extra.max()) > 0.5
+        assert torch.equal(cand["score"], cand["cls_score"])
     if name == "harmonized":
         cand = results[0]["candidates"]
         torch.testing.assert_close(cand["score"], (cand["obj_score"] * cand["cls_score"]).sqrt())
@@ -308,7 +315,8 @@ def test_cl_nms_dump_is_a_valid_ledger(shapes_dataset, tmp_path):
     validate_ledger(out)  # suppressed_by names a same-image, same-class survivor
     cand = read_ledger(out).candidates
     assert cand["kept"].any() and (cand["suppressed_by"] >= 0).any()
-    assert (cand["score"] > cand["cls_score"]).all() and (cand["score"] > 1).any()  # s = cls + closeness
+    assert (cand["cl_nms_score"] >= cand["score"]).all() and (cand["cl_nms_score"] > 1).any()  # s = cls + closeness
+    assert (cand["score"] == cand["cls_score"]).all()  # detections and ledger keep the detector's score
     meta = json.loads((out / "meta.json").read_text())
     assert "CL-NMS" in meta["postprocess"]["score_formula"]
 
