@@ -112,8 +112,8 @@ def test_ranking_names_and_alpha_grid():
 
     assert ranking_names(DEFAULT_ALPHAS) == ["cls", "obj", "cls*obj", "alpha=0", "alpha=0.1", "alpha=0.2", "alpha=0.3",
                                              "alpha=0.4", "alpha=0.5", "alpha=0.6", "alpha=0.7", "alpha=0.8",
-                                             "alpha=0.9", "oracle"]
-    assert ranking_names([0.4], has_obj=False) == ["cls", "oracle"]
+                                             "alpha=0.9", "oracle_nms", "oracle"]
+    assert ranking_names([0.4], has_obj=False) == ["cls", "oracle_nms", "oracle"]
     assert parse_alphas(" 0.4,0, 0.25") == (0.0, 0.25, 0.4)
     for text, fragment in (("1.5", "outside [0, 1]"), ("a,b", "not a comma-separated"), ("0.1,0.10", "appears twice"),
                            ("", "not a comma-separated"), ("0.2,", "not a comma-separated")):
