@@ -518,19 +518,22 @@ def test_report_rescore_section_metrics_and_csv(ledgers, conf):
     assert result.exit_code == 0, (result.output, result.exception)
     metrics = json.loads((out / "metrics.json").read_text())["detectors"]
     alphas = ["alpha=0", "alpha=0.4", "alpha=0.9"]
-    assert list(metrics["conf"]["rescoring"]) == ["cls", "obj", "cls*obj", *alphas, "oracle"]
-    assert list(metrics["base"]["rescoring"]) == list(metrics["base2"]["rescoring"]) == ["cls", "oracle"]
+    assert list(metrics["conf"]["rescoring"]) == ["cls", "obj", "cls*obj", *alphas, "oracle_nms", "oracle"]
+    assert list(metrics["base"]["rescoring"]) == list(metrics["base2"]["rescoring"]) == ["cls", "oracle_nms", "oracle"]
     assert metrics["post"]["rescoring"] == {} and metrics["post"]["ap_lost_to_misalignment"] is None
+    assert metrics["post"]["ap_gap_to_oracle_ranking"] is None
     _, library = conf  # the library's numbers, passed through unchanged
     for name, m in metrics.items():
-        assert list(m)[-2:] == ["rescoring", "ap_lost_to_misalignment"]
+        assert list(m)[-3:] == ["rescoring", "ap_lost_to_misalignment", "ap_gap_to_oracle_ranking"]
         for ranking, ap in m["rescoring"].items():
             assert list(ap) == ["AP", "AP50", "AP75"]
             if name == "conf":
                 assert ap == pytest.approx(library.rankings[ranking], abs=1e-12)
         if m["rescoring"]:
-            lost = m["rescoring"]["oracle"]["AP"] - m["ap"]["AP"]
+            lost = m["rescoring"]["oracle_nms"]["AP"] - m["ap"]["AP"]
             assert m["ap_lost_to_misalignment"] == pytest.approx(lost, abs=1e-12)
+            gap = m["rescoring"]["oracle"]["AP"] - m["ap"]["AP"]
+            assert m["ap_gap_to_oracle_ranking"] == pytest.approx(gap, abs=1e-12)
     # the table's CSV agrees with metrics.json
     table = pd.read_csv(out / "tables" / "rescoring.csv")
     assert set(table["detector"]) == {"conf", "base", "base2"}
@@ -542,6 +545,7 @@ def test_report_rescore_section_metrics_and_csv(ledgers, conf):
     assert len(table) == sum(len(metrics[name]["rescoring"]) + 1 for name in ("conf", "base", "base2"))
     summary = pd.read_csv(out / "tables" / "summary.csv").set_index("detector")
     assert summary.loc["conf", "ap_lost_to_misalignment"] == pytest.approx(metrics["conf"]["ap_lost_to_misalignment"])
+    assert summary.loc["conf", "ap_gap_to_oracle_ranking"] == pytest.approx(metrics["conf"]["ap_gap_to_oracle_ranking"])
     assert np.isnan(summary.loc["post", "ap_lost_to_misalignment"])
     # the page: section, plot, explanations, and why two dumps have less
     html = (out / "index.html").read_text()
@@ -549,10 +553,73 @@ def test_report_rescore_section_metrics_and_csv(ledgers, conf):
     assert 'id="rescoring"' in html and "Counterfactual rescoring" in html and "AP lost to misalignment" in html
     assert (out / "figures" / "rescoring.png").stat().st_size > 10_000 and 'id="fig-rescoring"' in html
     # one note for both dumps without the branch, naming each
-    assert html.count("only the cls and oracle rankings") == 1
+    assert html.count("only the cls, oracle_nms and oracle rankings") == 1
+    assert "AP lost to misalignment = AP(oracle_nms) − AP(actual)" in html and "upper bound" in html
+    assert "The pool is the dump's own." in html and "--rescore-thresh T" in html
     assert "base, base2: obj_score is NaN throughout" in html
     assert "post: not rescored, post-NMS only" in html
     assert "--rescore (α grid 0, 0.4, 0.9)" in html
+
+
+def test_rescore_thresh_filters_each_rankings_pool_before_nms(ledgers, conf, tmp_path):
+    """T = 0.3: a score ranking's pool is its rows with that score > 0.3 (strict), the oracles' the rows with
+    detector score > 0.3; NMS and AP on those pools match the slow references run on the filtered rows."""
+    from misalign.rescore import ranking_scores, rescore
+
+    ledger, unfiltered = conf
+    c = ledger.candidates
+    thresh = 0.3
+    result = rescore(ledger, ledgers["gt"], alphas=[0.4], rescore_thresh=thresh)
+    assert result.settings["rescore_thresh"] == thresh and unfiltered.settings["rescore_thresh"] is None
+    all_scores = ranking_scores(c, [0.4])[0]
+    own = c["score"].to_numpy(np.float64)
+    for ranking in RANKINGS:
+        score = all_scores[ranking]
+        pool = (own if ranking == "oracle" else score) > thresh
+        assert 0 < pool.sum() < len(c)  # the threshold removes rows and leaves some
+        sub = c[pool].reset_index(drop=True)
+        kept = np.zeros(len(c), bool)
+        kept[np.flatnonzero(pool)[reference_kept(sub, score[pool], 0.5, SIZES["kept_per_image"])]] = True
+        assert result.rankings[ranking] == pytest.approx(pycocotools_ap(ledgers["gt"], c, kept, score), abs=1e-6), ranking
+        assert result.num_kept[ranking] == kept.sum()
+    pool = own > thresh
+    sub = c[pool].reset_index(drop=True)
+    boxes = [[float(v) for v in row] for row in sub[["x1", "y1", "x2", "y2"]].to_numpy()]
+    slow = slow_iou_guided_nms(sub["image_id"].to_numpy(), sub["category_id"].to_numpy(), boxes,
+                               sub["iou"].to_numpy(np.float64).tolist(), sub["score"].to_numpy(np.float64).tolist(),
+                               0.5, SIZES["kept_per_image"])
+    results = [{"image_id": int(sub["image_id"].iat[r]), "category_id": int(sub["category_id"].iat[r]),
+                "bbox": [boxes[r][0], boxes[r][1], boxes[r][2] - boxes[r][0], boxes[r][3] - boxes[r][1]],
+                "score": s} for r, s in slow.items()]
+    assert result.rankings["oracle_nms"] == pytest.approx(pycocotools_json_ap(ledgers["gt"], results, tmp_path), abs=1e-6)
+    assert result.actual == unfiltered.actual  # the dump's own output is not re-thresholded
+    # not trivial: the threshold removes kept boxes and changes AP, for a score ranking and for the oracle
+    assert result.num_kept["cls"] < unfiltered.num_kept["cls"]
+    for ranking in ("cls*obj", "oracle_nms"):
+        assert result.rankings[ranking]["AP"] != unfiltered.rankings[ranking]["AP"], ranking
+
+
+def test_rescore_thresh_values(ledgers):
+    from misalign.rescore import parse_rescore_thresh, rescore
+
+    assert parse_rescore_thresh(None) is None and parse_rescore_thresh("0.25") == 0.25 and parse_rescore_thresh(0) == 0.0
+    for value, fragment in ((1.0, "1 is outside [0, 1)"), (-1e-9, "outside [0, 1)"), ("x", "'x' is not a number"),
+                            (True, "True is not a number")):
+        with pytest.raises(InputError, match=r"^--rescore-thresh: ") as err:
+            parse_rescore_thresh(value)
+        assert fragment in str(err.value)
+    with pytest.raises(InputError, match="^--rescore-thresh: 2 is outside"):
+        rescore(ledgers["conf"], rescore_thresh=2)
+
+
+def test_report_rescore_thresh_is_on_the_page(ledgers):
+    out = ledgers["root"] / "thresh"
+    result = run("report", ledgers["base"], "--out", out, "--rescore", "--rescore-thresh", "0.3", "--bootstrap", "0",
+                 "--images", "1")
+    assert result.exit_code == 0, (result.output, result.exception)
+    html = (out / "index.html").read_text()
+    assert "With <code>--rescore-thresh 0.3</code>" in html and "--rescore (α grid 0, 0.1, 0.2" in html
+    assert "--rescore-thresh 0.3)" in html
 
 
 def test_report_without_rescore_says_how_to_get_it(ledgers):
@@ -561,6 +628,7 @@ def test_report_without_rescore_says_how_to_get_it(ledgers):
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())["detectors"]["conf"]
     assert "rescoring" not in metrics and "ap_lost_to_misalignment" not in metrics
+    assert "ap_gap_to_oracle_ranking" not in metrics
     assert "misalign report --rescore" in (out / "index.html").read_text()
     assert not (out / "tables" / "rescoring.csv").exists()
 
@@ -569,6 +637,10 @@ def test_report_without_rescore_says_how_to_get_it(ledgers):
     (["--rescore", "--alphas", "0.2,1.5"], "--alphas: 1.5 is outside [0, 1]"),
     (["--rescore", "--alphas", "x"], "--alphas: 'x' is not a comma-separated list of numbers"),
     (["--alphas", "0.2"], "--alphas: only used with --rescore"),
+    (["--rescore", "--rescore-thresh", "1"], "--rescore-thresh: 1 is outside [0, 1)"),
+    (["--rescore", "--rescore-thresh", "-0.1"], "--rescore-thresh: -0.1 is outside [0, 1)"),
+    (["--rescore", "--rescore-thresh", "nan"], "--rescore-thresh: nan is outside [0, 1)"),
+    (["--rescore-thresh", "0.3"], "--rescore-thresh: only used with --rescore"),
 ])
 def test_bad_alphas_are_one_line(ledgers, tmp_path, args, fragment):
     result = run("report", ledgers["conf"], "--out", tmp_path / "r", *args)
