@@ -56,7 +56,9 @@ the loop's ~17 µs per group.
 The IoU-guided oracle needs to know which survivor suppressed which box. Per call, the IoU of
 every (survivor, suppressed) pair is recomputed on the same boxes with the kernel's own operations
 in the kernel's order, so the attribution sees the NMS's IoUs bit for bit: a suppressed box belongs
-to the first survivor in NMS order, ranked before it, with IoU > nms_thresh.
+to the first survivor in NMS order, ranked before it, with IoU > nms_thresh. The pairs span a whole
+chunk (its groups are apart, so cross-group pairs have IoU 0), which makes oracle_nms cost about four
+times one ranking's NMS, once per dump.
 
 torch is needed for the NMS only (imported lazily, as in misalign.importer).
 
