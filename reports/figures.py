@@ -441,4 +441,4 @@ def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")
         Line2D([], [], color=grey, ls="none", marker="^", ms=6)]
     labels = [*names, r"obj$^{\alpha}$·cls$^{1-\alpha}$", "obj alone (α = 1)",
               *(label for _, _, label in RESCORE_LINES), "off scale (value in the table)"]
-    return _finish(fig, handles, labels, ncol=min(len(labels), 8))
+    return _finish(fig, handles, labels, ncol=min(len(labels), 5))  # two legend rows: the long oracle labels fit
