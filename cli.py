@@ -230,9 +230,13 @@ def import_(gt, predictions, out, name, nms_thresh, max_det) -> None:
 @click.option("--images", "num_images", default=6, show_default=True, type=int, help="Images shown one by one (Table 1 columns, scatters).")
 @click.option("--bootstrap", default=200, show_default=True, type=int, help="Bootstrap resamples of images for the 95% CIs.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
-@click.option("--rescore", is_flag=True, help="Re-run NMS on each pre-NMS pool ranked by cls, obj, cls*obj, obj^a*cls^(1-a) and true IoU.")
+@click.option("--rescore", is_flag=True, help="Re-run NMS on each pre-NMS pool ranked by cls, obj, cls*obj, obj^a*cls^(1-a) and the true-IoU oracles.")
 @click.option("--alphas", default=None, help="Comma-separated α grid for --rescore [0,0.1,...,0.9].")
-def report(dumps, out, before_after_nms, names, gt, min_iou, num_images, bootstrap, seed, rescore, alphas) -> None:
+@click.option("--rescore-thresh", type=float, default=None, metavar="T",
+              help="With --rescore: each ranking's pool is its candidates with that ranking's score > T, T in [0, 1); "
+                   "the oracle rankings filter by the detector's own score [none: the dump's pool as recorded].")
+def report(dumps, out, before_after_nms, names, gt, min_iou, num_images, bootstrap, seed, rescore, alphas,
+           rescore_thresh) -> None:
     """Compare ledgers in one HTML report with metrics.json.
 
     Writes DIR/index.html (self-contained), metrics.json, tables/*.csv and figures/*.png.
@@ -240,7 +244,8 @@ def report(dumps, out, before_after_nms, names, gt, min_iou, num_images, bootstr
     from reports import write_report
 
     index = write_report(list(dumps), out, names=names, gt=gt, before_after_nms=before_after_nms, min_iou=min_iou,
-                         num_images=num_images, bootstrap=bootstrap, seed=seed, rescore=rescore, alphas=alphas)
+                         num_images=num_images, bootstrap=bootstrap, seed=seed, rescore=rescore, alphas=alphas,
+                         rescore_thresh=rescore_thresh)
     click.echo(str(index))
 
 

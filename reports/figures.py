@@ -378,10 +378,14 @@ def figure_ap(ap: dict, palette: dict, keys=("AP", "AP50", "AP75", "APs", "APm",
     return _finish(fig, [Patch(color=palette[n]) for n in names], names, ncol=min(len(names), 5))
 
 
-RESCORE_LINES = (("cls", "--", "cls alone"), ("cls*obj", "-.", "cls·obj"), ("oracle", ":", "oracle (true IoU)"))
-# The oracle (often ~2x the AP) and obj alone (class-agnostic, often far below) would squash the α curves
-# into a flat band; the axis fits the curves and the cls lines, and those two show as edge markers when off it.
-OFF_SCALE_RANKINGS = ("oracle", "obj")
+RESCORE_LINES = (("cls", "--", "cls alone"), ("cls*obj", "-.", "cls·obj"),
+                 ("oracle_nms", ":", "oracle_nms (IoU-guided NMS)"),
+                 ("oracle", (0, (1, 4)), "oracle (true IoU as score: upper bound)"))
+# The oracles (the oracle ranking often ~2x the AP) and obj alone (class-agnostic, often far below) would
+# squash the α curves into a flat band; the axis fits the curves and the cls lines, and those show as edge
+# markers when off it: (ranking, x of the first detector's marker, filled).
+OFF_SCALE_RANKINGS = ("oracle_nms", "oracle", "obj")
+OFF_SCALE_MARKERS = (("oracle_nms", 0.0, True), ("oracle", 0.5, True), ("obj", 1.0, False))
 
 
 def _sweep_limits(rescoring: dict, key: str) -> tuple[float, float]:
@@ -397,9 +401,9 @@ def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")
 
     rescoring: detector -> metrics.json `rescoring` dict ({ranking: {"AP", "AP50", "AP75"}}). Per
     detector: its `alpha=a` rankings as a solid line, `obj` as a hollow marker at α = 1 (obj^1·cls^0),
-    and `cls`, `cls*obj`, `oracle` as horizontal lines (RESCORE_LINES) in its colour. The y-axis fits
-    the sweeps and the cls lines; an oracle or obj value off it is a triangle on the top or bottom edge
-    (oracle at the left, obj at α = 1).
+    and `cls`, `cls*obj`, `oracle_nms`, `oracle` as horizontal lines (RESCORE_LINES) in its colour. The
+    y-axis fits the sweeps and the cls lines; an oracle_nms, oracle or obj value off it is a triangle on
+    the top or bottom edge (oracle_nms at the left, oracle in the middle, obj at α = 1).
     """
     names = list(rescoring)
     fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys) + 0.5, 2.9), squeeze=False)
@@ -416,12 +420,12 @@ def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")
             if "obj" in rankings and lo <= rankings["obj"][key] <= hi:
                 ax.plot([1.0], [rankings["obj"][key]], ls="none", marker="o", ms=5, mfc="white", mec=color, zorder=3)
             # off the scale: a triangle on the edge it lies beyond, one slot per detector so none hide another
-            for ranking, x in (("oracle", 0.02 * i), ("obj", 1.0 - 0.02 * i)):
+            for ranking, x0, filled in OFF_SCALE_MARKERS:
                 value = rankings.get(ranking, {}).get(key)
                 if value is not None and not lo <= value <= hi:
-                    above = value > hi
+                    above, x = value > hi, x0 + (0.02 * i if x0 < 1.0 else -0.02 * i)
                     ax.plot([x], [hi if above else lo], ls="none", marker="^" if above else "v", ms=6, color=color,
-                            mfc=color if ranking == "oracle" else "white", clip_on=False, zorder=4)
+                            mfc=color if filled else "white", clip_on=False, zorder=4)
         ax.set_ylim(lo, hi)
         ax.set_xlim(-0.04, 1.04)
         ax.set_xticks(np.linspace(0, 1, 6))
@@ -437,4 +441,4 @@ def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")
         Line2D([], [], color=grey, ls="none", marker="^", ms=6)]
     labels = [*names, r"obj$^{\alpha}$·cls$^{1-\alpha}$", "obj alone (α = 1)",
               *(label for _, _, label in RESCORE_LINES), "off scale (value in the table)"]
-    return _finish(fig, handles, labels, ncol=min(len(labels), 8))
+    return _finish(fig, handles, labels, ncol=min(len(labels), 5))  # two legend rows: the long oracle labels fit

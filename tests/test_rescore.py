@@ -1,9 +1,11 @@
 """Counterfactual rescoring (misalign.rescore, `misalign report --rescore`).
 
 The fast NMS (chunks of (image, category) groups, one torchvision call per chunk) is checked against
-a slow greedy NMS written with plain loops, and against misalign.importer's per-image NMS; every AP
-against pycocotools on the slow reference's kept boxes; one toy image is worked out by hand; the
-report's metrics.json keys, section and CSV are checked through the CLI.
+a slow greedy NMS written with plain loops, against misalign.importer's per-image NMS, and on
+float64 boxes against per-group torchvision NMS on the unshifted boxes; the IoU-guided oracle
+against a plain loop of IoU-Net's algorithm; every AP against pycocotools on the slow reference's
+kept boxes; two toy images are worked out by hand; the report's metrics.json keys, section and CSV
+are checked through the CLI.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from misalign.errors import InputError
 from reports.synthetic import synthetic_ledger
 
 SIZES = dict(num_images=12, cands_per_image=150, num_categories=4, gt_per_image=4, kept_per_image=10)
-RANKINGS = ("cls", "obj", "cls*obj", "alpha=0.4", "oracle")
+RANKINGS = ("cls", "obj", "cls*obj", "alpha=0.4", "oracle")  # the per-row score rankings checked one by one
 
 
 def run(*args):
@@ -84,6 +86,50 @@ def reference_kept(candidates, scores, nms_thresh, max_det) -> np.ndarray:
     return mask
 
 
+def slow_iou_guided_nms(image_id, category_id, boxes, iou, score, nms_thresh, max_det) -> dict[int, float]:
+    """IoU-Net's IoU-guided NMS (its Algorithm 1) with the true IoU, one loop per (image, category):
+    take the remaining box of highest IoU (ties: higher score, then lower row), remove every remaining
+    box overlapping it by IoU > nms_thresh, and give it the highest score among itself and those; then
+    the best max_det of each image by that score (ties in row order). Returns {kept row: its score}."""
+    groups: dict = {}
+    for row in range(len(score)):
+        groups.setdefault((int(image_id[row]), int(category_id[row])), []).append(row)
+    survivors = {}
+    for rows in groups.values():
+        remaining = sorted(rows, key=lambda r: (-iou[r], -score[r], r))
+        while remaining:
+            top = remaining.pop(0)
+            cluster = [r for r in remaining if slow_iou(boxes[top], boxes[r]) > nms_thresh]
+            remaining = [r for r in remaining if r not in cluster]
+            survivors[top] = max([score[top]] + [score[r] for r in cluster])
+    per_image: dict = {}
+    for row in survivors:
+        per_image.setdefault(int(image_id[row]), []).append(row)
+    kept = {}
+    for rows in per_image.values():
+        for row in sorted(rows, key=lambda r: (-survivors[r], r))[:max_det]:
+            kept[row] = survivors[row]
+    return kept
+
+
+def pycocotools_json_ap(gt_path, results: list, folder) -> dict:
+    """AP, AP50, AP75 of a COCO results list (image_id, category_id, bbox [x, y, w, h], score), written to a
+    JSON file and loaded by pycocotools' own loadRes, as any other tool's results would be."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    path = folder / "results.json"
+    path.write_text(json.dumps(results))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_path))
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(str(path)), "bbox")
+        evaluator.params.imgIds = sorted(coco_gt.getImgIds())
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(("AP", "AP50", "AP75"), evaluator.stats[:3]))
+
+
 def pycocotools_ap(gt_path, candidates, kept, scores) -> dict:
     """pycocotools' COCOeval of the rows `kept` scored by `scores`, over every image of the gt."""
     from pycocotools.coco import COCO
@@ -112,8 +158,8 @@ def test_ranking_names_and_alpha_grid():
 
     assert ranking_names(DEFAULT_ALPHAS) == ["cls", "obj", "cls*obj", "alpha=0", "alpha=0.1", "alpha=0.2", "alpha=0.3",
                                              "alpha=0.4", "alpha=0.5", "alpha=0.6", "alpha=0.7", "alpha=0.8",
-                                             "alpha=0.9", "oracle"]
-    assert ranking_names([0.4], has_obj=False) == ["cls", "oracle"]
+                                             "alpha=0.9", "oracle_nms", "oracle"]
+    assert ranking_names([0.4], has_obj=False) == ["cls", "oracle_nms", "oracle"]
     assert parse_alphas(" 0.4,0, 0.25") == (0.0, 0.25, 0.4)
     for text, fragment in (("1.5", "outside [0, 1]"), ("a,b", "not a comma-separated"), ("0.1,0.10", "appears twice"),
                            ("", "not a comma-separated"), ("0.2,", "not a comma-separated")):
@@ -201,11 +247,58 @@ def test_chunk_offsets_keep_groups_apart_and_iou_ties_exact():
     assert slow_iou(boxes[0].tolist(), boxes[1].tolist()) == 0.5
     for chunk_rows in (256, 64, 1):
         plan = plan_nms(image_id, category_id, boxes, chunk_rows=chunk_rows)
+        assert plan.inexact_chunks == 0  # float32 values shift exactly: no per-group fallback
         if chunk_rows > 1:
             assert 1 < len(plan.chunks) < 300 and max(len(b) for b in plan.chunks) > 3  # groups share chunks
         np.testing.assert_array_equal(nms_survivors(plan, scores, 0.5), expected)
     slow = slow_greedy_nms(image_id, category_id, boxes.astype(np.float64).tolist(), scores.tolist(), 0.5, 10**6)
     assert slow == set(np.flatnonzero(expected).tolist())
+
+
+def test_float64_two_decimal_boxes_at_the_threshold_match_per_group_torchvision_nms():
+    """Two-decimal float64 boxes (as COCO results files hold them), pairs whose IoU is exactly nms_thresh.
+
+    Each group: b1 (score 0.9) and b2 (0.8) share x1, y1, x2; b2 is about half as tall, and only pairs whose
+    float64 IoU, computed as the kernel does on the unshifted boxes, is exactly 0.5 are used: b2 survives
+    (0.5 is not > 0.5). A third box b3 (0.7), about 0.6 of b1, goes. 10.37 + 2^20 rounds, so shifting these
+    groups apart moves IoUs off 0.5 (checked below: a naive shift flips some groups); the plan must detect
+    that and still equal per-(image, category) torchvision nms on the unshifted boxes. A fourth image of
+    integer boxes shifts exactly, so both paths run in one plan.
+    """
+    import torch
+    from torchvision.ops import nms
+
+    from misalign.rescore import nms_survivors, plan_nms
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    x, y = np.round(rng.uniform(0, 1200, n), 2), np.round(rng.uniform(0, 800, n), 2)
+    w, h = np.round(rng.uniform(4, 200, n), 2), np.round(rng.uniform(4, 200, n), 2)
+    x2 = np.round(x + w, 2)
+    b1 = np.stack([x, y, x2, np.round(y + 2 * h, 2)], 1)
+    b2 = np.stack([x, y, x2, np.round(y + h, 2)], 1)
+    b3 = np.stack([x, y, x2, np.round(y + 1.2 * h, 2)], 1)
+    at_thresh = [i for i in range(n) if slow_iou(b1[i].tolist(), b2[i].tolist()) == 0.5][:240]
+    assert len(at_thresh) == 240
+    triples = np.stack([b1[at_thresh], b2[at_thresh], b3[at_thresh]], 1).reshape(-1, 4)  # [720, 4]
+    ints = np.tile(np.array([[0, 0, 100, 100], [0, 0, 100, 50], [0, 0, 100, 60]], np.float64), (40, 1))  # [120, 4]
+    boxes = np.concatenate([triples, ints])  # [840, 4] float64
+    image_id = np.r_[np.repeat(np.arange(3), 240), np.full(120, 3)]
+    category_id = np.r_[np.repeat(np.arange(240), 3), np.repeat(np.arange(40), 3)]
+    scores = np.tile([0.9, 0.8, 0.7], 280)
+    expected = np.zeros(len(boxes), bool)  # per-group torchvision nms on the unshifted float64 boxes
+    for key in set(zip(image_id.tolist(), category_id.tolist())):
+        rows = np.flatnonzero((image_id == key[0]) & (category_id == key[1]))
+        expected[rows[nms(torch.from_numpy(boxes[rows]), torch.from_numpy(scores[rows]), 0.5).numpy()]] = True
+    assert expected.sum() == 2 * 280  # b1 and b2 of every group
+    naive = [len(nms(torch.from_numpy(boxes[3 * g:3 * g + 3] + 2.0 ** 20 * (g + 1)), torch.from_numpy(scores[:3]), 0.5))
+             for g in range(240)]
+    assert naive.count(2) < 240  # shifting rounds these coordinates and moves decisions
+    for chunk_rows in (256, 16, 1):
+        plan = plan_nms(image_id, category_id, boxes, chunk_rows=chunk_rows)
+        if chunk_rows > 1:  # (one group per chunk is never shifted: offset 0, the boxes start at x, y >= 0)
+            assert plan.inexact_chunks > 0 and max(len(b) for b in plan.chunks) > 3  # both paths: fallback, shifted chunk
+        np.testing.assert_array_equal(nms_survivors(plan, scores, 0.5), expected)
 
 
 # --- AP -----------------------------------------------------------------------------------------
@@ -226,15 +319,67 @@ def test_ap_of_every_ranking_equals_pycocotools_on_the_reference_kept_set(ledger
     assert result.rankings["alpha=0"] == result.rankings["cls"]  # the same ranking
     actual = pycocotools_ap(ledgers["gt"], c, c["kept"].to_numpy(), c["score"].to_numpy())
     assert result.actual == pytest.approx(actual, abs=1e-6)
-    assert result.metrics()["ap_lost_to_misalignment"] == pytest.approx(
-        result.rankings["oracle"]["AP"] - actual["AP"], abs=1e-6)
-    # the synthetic detector's scores follow IoU loosely: the oracle is far better, obj better than cls
-    assert result.ap_lost > 0.05 and result.rankings["obj"]["AP75"] > result.rankings["cls"]["AP75"]
+    metrics = result.metrics()
+    assert metrics["ap_lost_to_misalignment"] == pytest.approx(result.rankings["oracle_nms"]["AP"] - actual["AP"], abs=1e-6)
+    assert metrics["ap_gap_to_oracle_ranking"] == pytest.approx(result.rankings["oracle"]["AP"] - actual["AP"], abs=1e-6)
+    # the synthetic detector's scores follow IoU loosely: the oracle ranking is far better, obj better than cls;
+    # IoU-guided NMS recovers part of that only (it still ranks false positives by the detector's score)
+    assert result.rankings["obj"]["AP75"] > result.rankings["cls"]["AP75"]
+    assert 0 < result.ap_lost < result.ap_gap_to_oracle_ranking and result.ap_gap_to_oracle_ranking > 0.05
 
 
-def write_toy_ledger(folder, gt_path):
-    """One 400x400 image, one ground-truth box [0, 0, 100, 100] (category 1), three candidates:
+def test_oracle_nms_matches_a_plain_loop_of_iou_guided_nms(conf):
+    from misalign.rescore import nms_settings, oracle_nms_kept
 
+    ledger, _ = conf
+    c = ledger.candidates
+    settings = nms_settings(ledger.meta)
+    boxes = [[float(v) for v in row] for row in c[["x1", "y1", "x2", "y2"]].to_numpy()]
+    iou, score = c["iou"].to_numpy(np.float64), c["score"].to_numpy(np.float64)
+    for max_det in (settings["max_det"], 10**6):
+        slow = slow_iou_guided_nms(c["image_id"].to_numpy(), c["category_id"].to_numpy(), boxes, iou.tolist(),
+                                   score.tolist(), settings["nms_thresh"], max_det)
+        kept, detection = oracle_nms_kept(c, settings["nms_thresh"], max_det)
+        assert set(np.flatnonzero(kept).tolist()) == set(slow)
+        np.testing.assert_array_equal(detection[sorted(slow)], [slow[r] for r in sorted(slow)])
+    # not trivial: many kept boxes carry a suppressed neighbour's higher score, and the kept set differs
+    # from ranking by IoU with ties in row order (the oracle ranking's NMS)
+    raised = detection[kept] > score[kept]
+    assert raised.sum() >= 20 and (~raised).sum() >= 20
+    from misalign.rescore import rescored_kept
+    assert not np.array_equal(kept, rescored_kept(c, iou, settings["nms_thresh"], 10**6))
+
+
+def test_oracle_nms_ap_equals_pycocotools_on_a_results_json(ledgers, conf, tmp_path):
+    from misalign.rescore import nms_settings
+
+    ledger, result = conf
+    c = ledger.candidates
+    settings = nms_settings(ledger.meta)
+    boxes = [[float(v) for v in row] for row in c[["x1", "y1", "x2", "y2"]].to_numpy()]
+    slow = slow_iou_guided_nms(c["image_id"].to_numpy(), c["category_id"].to_numpy(), boxes,
+                               c["iou"].to_numpy(np.float64).tolist(), c["score"].to_numpy(np.float64).tolist(),
+                               settings["nms_thresh"], settings["max_det"])
+    results = [{"image_id": int(c["image_id"].iat[r]), "category_id": int(c["category_id"].iat[r]),
+                "bbox": [boxes[r][0], boxes[r][1], boxes[r][2] - boxes[r][0], boxes[r][3] - boxes[r][1]],
+                "score": s} for r, s in slow.items()]
+    expected = pycocotools_json_ap(ledgers["gt"], results, tmp_path)
+    assert result.rankings["oracle_nms"] == pytest.approx(expected, abs=1e-6)
+    assert result.num_kept["oracle_nms"] == len(slow)
+    assert result.ap_lost == pytest.approx(expected["AP"] - result.actual["AP"], abs=1e-6)
+
+
+TOY_ABC = pd.DataFrame({
+    "x1": [0.0, 0.0, 200.0], "y1": [0.0, 0.0, 200.0], "x2": [100.0, 100.0, 250.0], "y2": [60.0, 95.0, 250.0],
+    "cls_score": [0.9, 0.5, 0.3], "obj_score": [0.5, 0.95, 0.1], "score": [0.9, 0.5, 0.3],
+    "kept": [True, False, True], "suppressed_by": [-1, 0, -1],
+    "iou": [0.6, 0.95, 0.0], "gt_id": [1, 1, -1], "iou_any": [0.6, 0.95, 0.0]})
+
+
+def write_toy_ledger(folder, gt_path, rows=TOY_ABC):
+    """One 400x400 image, one ground-truth box [0, 0, 100, 100] (category 1), the candidates `rows`.
+
+    TOY_ABC, three candidates:
         row  box (x1 y1 x2 y2)   cls   obj   IoU with the gt
         A    0  0   100  60      0.9   0.5   6000 / 10000 = 0.6
         B    0  0   100  95      0.5   0.95  9500 / 10000 = 0.95
@@ -250,12 +395,7 @@ def write_toy_ledger(folder, gt_path):
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "area": 10000,
                          "iscrowd": 0}],
         "categories": [{"id": 1, "name": "thing"}]}))
-    cands = pd.DataFrame({
-        "image_id": 1, "category_id": 1,
-        "x1": [0.0, 0.0, 200.0], "y1": [0.0, 0.0, 200.0], "x2": [100.0, 100.0, 250.0], "y2": [60.0, 95.0, 250.0],
-        "cls_score": [0.9, 0.5, 0.3], "obj_score": [0.5, 0.95, 0.1], "score": [0.9, 0.5, 0.3],
-        "kept": [True, False, True], "suppressed_by": [-1, 0, -1],
-        "iou": [0.6, 0.95, 0.0], "gt_id": [1, 1, -1], "iou_any": [0.6, 0.95, 0.0]})
+    cands = rows.assign(image_id=1, category_id=1)
     with atomic_dir(folder) as tmp, LedgerWriter(tmp) as writer:
         writer.add_images(pd.DataFrame({"image_id": [1], "file_name": ["1.jpg"], "width": [400], "height": [400],
                                         "num_gt": [1]}))
@@ -286,19 +426,74 @@ def test_hand_worked_toy_oracle_keeps_the_better_box(tmp_path):
     assert result.rankings["obj"]["AP75"] == 1.0 and result.rankings["cls*obj"]["AP75"] == 1.0
     assert result.rankings["alpha=0.4"] == result.rankings["cls"]
     assert result.num_kept == {name: 2 for name in result.rankings}
+    # oracle_nms selects by IoU too: B suppresses A and carries the pair's best score, A's 0.9; C keeps its 0.3.
+    # B (0.9) above C: AP = 1 as the oracle's.
+    assert result.rankings["oracle_nms"] == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0}, abs=1e-9)
+    assert result.num_kept == {name: 2 for name in result.rankings}
     # actual = the dump's kept A and C ranked by its score (cls): AP 0.3; lost to misalignment: 1 - 0.3
     assert result.actual == pytest.approx({"AP": 0.3, "AP50": 1.0, "AP75": 0.0}, abs=1e-9)
     assert result.ap_lost == pytest.approx(0.7, abs=1e-9)
+    assert result.ap_gap_to_oracle_ranking == pytest.approx(0.7, abs=1e-9)
+
+
+# P is better localised but scored low, Q overlaps it, F is a confident false positive elsewhere.
+TOY_PQF = pd.DataFrame({
+    "x1": [0.0, 0.0, 200.0], "y1": [0.0, 0.0, 200.0], "x2": [100.0, 100.0, 260.0], "y2": [82.0, 52.0, 260.0],
+    "cls_score": [0.2, 0.6, 0.9], "obj_score": [0.9, 0.3, 0.1], "score": [0.2, 0.6, 0.9],
+    "kept": [False, True, True], "suppressed_by": [1, -1, -1],
+    "iou": [0.82, 0.52, 0.0], "gt_id": [1, 1, -1], "iou_any": [0.82, 0.52, 0.0]})
+
+
+def test_hand_worked_oracle_nms_fixes_selection_not_classification(tmp_path):
+    """One gt [0, 0, 100, 100]; candidates (dump ranked by cls = score):
+
+        row  box (x1 y1 x2 y2)   score  IoU with the gt
+        P    0  0   100  82      0.2    8200 / 10000 = 0.82
+        Q    0  0   100  52      0.6    5200 / 10000 = 0.52
+        F    200 200 260 260     0.9    0 (a false positive)
+    IoU(P, Q) = 5200 / 8200 = 0.634 > 0.5. COCO matches at t when IoU >= t, t = 0.50, 0.55, ..., 0.95:
+    P at the seven t <= 0.80, Q at 0.50 only.
+    """
+    from misalign.rescore import oracle_nms_kept, rescore
+
+    write_toy_ledger(tmp_path / "toy", tmp_path / "gt.json", TOY_PQF)
+    # IoU-guided NMS: P (IoU 0.82) first, suppresses Q and takes the pair's best score, Q's 0.6 (above its own
+    # 0.2); F is alone and keeps its own 0.9: the oracle does not move a false positive down.
+    kept, detection = oracle_nms_kept(TOY_PQF.assign(image_id=1, category_id=1), 0.5, 100)
+    assert kept.tolist() == [True, False, True] and detection[[0, 2]].tolist() == [0.6, 0.9]
+    result = rescore(tmp_path / "toy", alphas=[0.4])
+    # oracle_nms: F (0.9, FP) above P (0.6, TP): precision 1/2 at recall 1 wherever P matches -> AP_t = 0.5
+    # at the seven t <= 0.8, 0 above: AP = 3.5 / 10 = 0.35, AP50 = AP75 = 0.5.
+    assert result.rankings["oracle_nms"] == pytest.approx({"AP": 0.35, "AP50": 0.5, "AP75": 0.5}, abs=1e-9)
+    # oracle: scores are IoUs, P (0.82) above F (0): AP_t = 1 at the seven t: AP = 0.7, AP50 = AP75 = 1.
+    assert result.rankings["oracle"] == pytest.approx({"AP": 0.7, "AP50": 1.0, "AP75": 1.0}, abs=1e-9)
+    # cls (= the dump): F (0.9), Q (0.6) suppresses P: Q matches at 0.5 only, below F: AP = 0.05, AP50 = 0.5.
+    assert result.rankings["cls"] == pytest.approx({"AP": 0.05, "AP50": 0.5, "AP75": 0.0}, abs=1e-9)
+    assert result.actual == pytest.approx(result.rankings["cls"], abs=1e-12)
+    assert result.ap_lost == pytest.approx(0.30, abs=1e-9)  # 0.35 - 0.05: which box NMS kept
+    assert result.ap_gap_to_oracle_ranking == pytest.approx(0.65, abs=1e-9)  # 0.7 - 0.05: also the FP's rank
+
+
+def test_oracle_nms_breaks_iou_ties_by_the_detectors_score():
+    """Two overlapping false positives (IoU 0 with every gt; box IoU 0.8): rows in order (0.3, 0.7).
+    oracle_nms keeps the 0.7 one (score breaks the IoU tie); the oracle ranking, ties in row order, keeps row 0."""
+    from misalign.rescore import oracle_nms_kept, rescored_kept
+
+    pool = pd.DataFrame({"image_id": [1, 1], "category_id": [1, 1], "x1": [0.0, 0.0], "y1": [0.0, 0.0],
+                         "x2": [100.0, 100.0], "y2": [100.0, 80.0], "iou": [0.0, 0.0], "score": [0.3, 0.7]})
+    kept, detection = oracle_nms_kept(pool, 0.5, 100)
+    assert kept.tolist() == [False, True] and detection[1] == 0.7
+    assert rescored_kept(pool, pool["iou"].to_numpy(), 0.5, 100).tolist() == [True, False]
 
 
 # --- what cannot be rescored ---------------------------------------------------------------------
 
 
-def test_no_obj_score_keeps_only_cls_and_oracle(ledgers):
+def test_no_obj_score_keeps_only_cls_and_the_oracles(ledgers):
     from misalign.rescore import rescore
 
     result = rescore(ledgers["base"], alphas=[0.4])
-    assert list(result.rankings) == ["cls", "oracle"]
+    assert list(result.rankings) == ["cls", "oracle_nms", "oracle"]
     assert set(result.skipped) == {"obj", "cls*obj", "alpha=0.4"}
     assert all("obj_score is NaN throughout" in reason for reason in result.skipped.values())
 
@@ -323,19 +518,22 @@ def test_report_rescore_section_metrics_and_csv(ledgers, conf):
     assert result.exit_code == 0, (result.output, result.exception)
     metrics = json.loads((out / "metrics.json").read_text())["detectors"]
     alphas = ["alpha=0", "alpha=0.4", "alpha=0.9"]
-    assert list(metrics["conf"]["rescoring"]) == ["cls", "obj", "cls*obj", *alphas, "oracle"]
-    assert list(metrics["base"]["rescoring"]) == list(metrics["base2"]["rescoring"]) == ["cls", "oracle"]
+    assert list(metrics["conf"]["rescoring"]) == ["cls", "obj", "cls*obj", *alphas, "oracle_nms", "oracle"]
+    assert list(metrics["base"]["rescoring"]) == list(metrics["base2"]["rescoring"]) == ["cls", "oracle_nms", "oracle"]
     assert metrics["post"]["rescoring"] == {} and metrics["post"]["ap_lost_to_misalignment"] is None
+    assert metrics["post"]["ap_gap_to_oracle_ranking"] is None
     _, library = conf  # the library's numbers, passed through unchanged
     for name, m in metrics.items():
-        assert list(m)[-2:] == ["rescoring", "ap_lost_to_misalignment"]
+        assert list(m)[-3:] == ["rescoring", "ap_lost_to_misalignment", "ap_gap_to_oracle_ranking"]
         for ranking, ap in m["rescoring"].items():
             assert list(ap) == ["AP", "AP50", "AP75"]
             if name == "conf":
                 assert ap == pytest.approx(library.rankings[ranking], abs=1e-12)
         if m["rescoring"]:
-            lost = m["rescoring"]["oracle"]["AP"] - m["ap"]["AP"]
+            lost = m["rescoring"]["oracle_nms"]["AP"] - m["ap"]["AP"]
             assert m["ap_lost_to_misalignment"] == pytest.approx(lost, abs=1e-12)
+            gap = m["rescoring"]["oracle"]["AP"] - m["ap"]["AP"]
+            assert m["ap_gap_to_oracle_ranking"] == pytest.approx(gap, abs=1e-12)
     # the table's CSV agrees with metrics.json
     table = pd.read_csv(out / "tables" / "rescoring.csv")
     assert set(table["detector"]) == {"conf", "base", "base2"}
@@ -347,6 +545,7 @@ def test_report_rescore_section_metrics_and_csv(ledgers, conf):
     assert len(table) == sum(len(metrics[name]["rescoring"]) + 1 for name in ("conf", "base", "base2"))
     summary = pd.read_csv(out / "tables" / "summary.csv").set_index("detector")
     assert summary.loc["conf", "ap_lost_to_misalignment"] == pytest.approx(metrics["conf"]["ap_lost_to_misalignment"])
+    assert summary.loc["conf", "ap_gap_to_oracle_ranking"] == pytest.approx(metrics["conf"]["ap_gap_to_oracle_ranking"])
     assert np.isnan(summary.loc["post", "ap_lost_to_misalignment"])
     # the page: section, plot, explanations, and why two dumps have less
     html = (out / "index.html").read_text()
@@ -354,10 +553,73 @@ def test_report_rescore_section_metrics_and_csv(ledgers, conf):
     assert 'id="rescoring"' in html and "Counterfactual rescoring" in html and "AP lost to misalignment" in html
     assert (out / "figures" / "rescoring.png").stat().st_size > 10_000 and 'id="fig-rescoring"' in html
     # one note for both dumps without the branch, naming each
-    assert html.count("only the cls and oracle rankings") == 1
+    assert html.count("only the cls, oracle_nms and oracle rankings") == 1
+    assert "AP lost to misalignment = AP(oracle_nms) − AP(actual)" in html and "upper bound" in html
+    assert "The pool is the dump's own." in html and "--rescore-thresh T" in html
     assert "base, base2: obj_score is NaN throughout" in html
     assert "post: not rescored, post-NMS only" in html
     assert "--rescore (α grid 0, 0.4, 0.9)" in html
+
+
+def test_rescore_thresh_filters_each_rankings_pool_before_nms(ledgers, conf, tmp_path):
+    """T = 0.3: a score ranking's pool is its rows with that score > 0.3 (strict), the oracles' the rows with
+    detector score > 0.3; NMS and AP on those pools match the slow references run on the filtered rows."""
+    from misalign.rescore import ranking_scores, rescore
+
+    ledger, unfiltered = conf
+    c = ledger.candidates
+    thresh = 0.3
+    result = rescore(ledger, ledgers["gt"], alphas=[0.4], rescore_thresh=thresh)
+    assert result.settings["rescore_thresh"] == thresh and unfiltered.settings["rescore_thresh"] is None
+    all_scores = ranking_scores(c, [0.4])[0]
+    own = c["score"].to_numpy(np.float64)
+    for ranking in RANKINGS:
+        score = all_scores[ranking]
+        pool = (own if ranking == "oracle" else score) > thresh
+        assert 0 < pool.sum() < len(c)  # the threshold removes rows and leaves some
+        sub = c[pool].reset_index(drop=True)
+        kept = np.zeros(len(c), bool)
+        kept[np.flatnonzero(pool)[reference_kept(sub, score[pool], 0.5, SIZES["kept_per_image"])]] = True
+        assert result.rankings[ranking] == pytest.approx(pycocotools_ap(ledgers["gt"], c, kept, score), abs=1e-6), ranking
+        assert result.num_kept[ranking] == kept.sum()
+    pool = own > thresh
+    sub = c[pool].reset_index(drop=True)
+    boxes = [[float(v) for v in row] for row in sub[["x1", "y1", "x2", "y2"]].to_numpy()]
+    slow = slow_iou_guided_nms(sub["image_id"].to_numpy(), sub["category_id"].to_numpy(), boxes,
+                               sub["iou"].to_numpy(np.float64).tolist(), sub["score"].to_numpy(np.float64).tolist(),
+                               0.5, SIZES["kept_per_image"])
+    results = [{"image_id": int(sub["image_id"].iat[r]), "category_id": int(sub["category_id"].iat[r]),
+                "bbox": [boxes[r][0], boxes[r][1], boxes[r][2] - boxes[r][0], boxes[r][3] - boxes[r][1]],
+                "score": s} for r, s in slow.items()]
+    assert result.rankings["oracle_nms"] == pytest.approx(pycocotools_json_ap(ledgers["gt"], results, tmp_path), abs=1e-6)
+    assert result.actual == unfiltered.actual  # the dump's own output is not re-thresholded
+    # not trivial: the threshold removes kept boxes and changes AP, for a score ranking and for the oracle
+    assert result.num_kept["cls"] < unfiltered.num_kept["cls"]
+    for ranking in ("cls*obj", "oracle_nms"):
+        assert result.rankings[ranking]["AP"] != unfiltered.rankings[ranking]["AP"], ranking
+
+
+def test_rescore_thresh_values(ledgers):
+    from misalign.rescore import parse_rescore_thresh, rescore
+
+    assert parse_rescore_thresh(None) is None and parse_rescore_thresh("0.25") == 0.25 and parse_rescore_thresh(0) == 0.0
+    for value, fragment in ((1.0, "1 is outside [0, 1)"), (-1e-9, "outside [0, 1)"), ("x", "'x' is not a number"),
+                            (True, "True is not a number")):
+        with pytest.raises(InputError, match=r"^--rescore-thresh: ") as err:
+            parse_rescore_thresh(value)
+        assert fragment in str(err.value)
+    with pytest.raises(InputError, match="^--rescore-thresh: 2 is outside"):
+        rescore(ledgers["conf"], rescore_thresh=2)
+
+
+def test_report_rescore_thresh_is_on_the_page(ledgers):
+    out = ledgers["root"] / "thresh"
+    result = run("report", ledgers["base"], "--out", out, "--rescore", "--rescore-thresh", "0.3", "--bootstrap", "0",
+                 "--images", "1")
+    assert result.exit_code == 0, (result.output, result.exception)
+    html = (out / "index.html").read_text()
+    assert "With <code>--rescore-thresh 0.3</code>" in html and "--rescore (α grid 0, 0.1, 0.2" in html
+    assert "--rescore-thresh 0.3)" in html
 
 
 def test_report_without_rescore_says_how_to_get_it(ledgers):
@@ -366,6 +628,7 @@ def test_report_without_rescore_says_how_to_get_it(ledgers):
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())["detectors"]["conf"]
     assert "rescoring" not in metrics and "ap_lost_to_misalignment" not in metrics
+    assert "ap_gap_to_oracle_ranking" not in metrics
     assert "misalign report --rescore" in (out / "index.html").read_text()
     assert not (out / "tables" / "rescoring.csv").exists()
 
@@ -374,6 +637,10 @@ def test_report_without_rescore_says_how_to_get_it(ledgers):
     (["--rescore", "--alphas", "0.2,1.5"], "--alphas: 1.5 is outside [0, 1]"),
     (["--rescore", "--alphas", "x"], "--alphas: 'x' is not a comma-separated list of numbers"),
     (["--alphas", "0.2"], "--alphas: only used with --rescore"),
+    (["--rescore", "--rescore-thresh", "1"], "--rescore-thresh: 1 is outside [0, 1)"),
+    (["--rescore", "--rescore-thresh", "-0.1"], "--rescore-thresh: -0.1 is outside [0, 1)"),
+    (["--rescore", "--rescore-thresh", "nan"], "--rescore-thresh: nan is outside [0, 1)"),
+    (["--rescore-thresh", "0.3"], "--rescore-thresh: only used with --rescore"),
 ])
 def test_bad_alphas_are_one_line(ledgers, tmp_path, args, fragment):
     result = run("report", ledgers["conf"], "--out", tmp_path / "r", *args)
