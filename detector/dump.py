@@ -124,7 +124,9 @@ def image_rows(output: dict, target: dict, gt: dict, category_ids: list[int], wi
     """
     scale = float(target["scale"])
     cand = {key: value.cpu() for key, value in output["candidates"].items()}
-    boxes = (cand["boxes"].double() / scale).numpy()  # [K, 4] original pixels
+    # [K, 4] original pixels, rounded to float32 like the network's own outputs (the ledger holds them
+    # exactly as float64; float32 values also keep misalign.rescore's NMS on its fast path)
+    boxes = (cand["boxes"].double() / scale).float().double().numpy()
     category = np.asarray(category_ids, dtype=np.int64)[cand["labels"].numpy()]
     truth = truth_columns(boxes, category, gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"])
     candidates = pd.DataFrame({

@@ -94,8 +94,8 @@ from misalign.ledger import Ledger, read_ledger
 log = logging.getLogger(__name__)
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(10))  # 0, 0.1, ..., 0.9: the paper's Table 5 grid
-RESCORE_COLUMNS = ("image_id", "category_id", "x1", "y1", "x2", "y2", "cls_score", "obj_score", "score",
-                   "kept", "iou")  # the candidates columns rescoring reads
+RESCORE_COLUMNS = ("image_id", "category_id", "x1", "y1", "x2", "y2", "w", "h", "cls_score", "obj_score",
+                   "score", "kept", "iou")  # the candidates columns rescoring reads
 CHUNK_ROWS = 256  # rows per torchvision nms call (whole groups); 128-512 measured equally fast
 DEFAULT_MAX_DET = 100  # when meta.json has no postprocess.max_det (COCO's maxDets)
 AP_KEYS = ("AP", "AP50", "AP75")  # what each ranking reports
@@ -482,8 +482,9 @@ def unavailable_metrics() -> dict:
 
 
 def _scored_rows(candidates: pd.DataFrame, kept: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-    """The kept rows (image_id, category_id, x1..y2) with `score` replaced by the ranking score."""
-    rows = candidates.loc[kept, ["image_id", "category_id", "x1", "y1", "x2", "y2"]]
+    """The kept rows (image_id, category_id, x1..y2, and w, h where read) with `score` replaced by the ranking score."""
+    boxes = [c for c in ("x1", "y1", "x2", "y2", "w", "h") if c in candidates.columns]
+    rows = candidates.loc[kept, ["image_id", "category_id", *boxes]]
     return rows.assign(score=scores[kept])
 
 
