@@ -286,8 +286,9 @@ def summary_table(views, palette, rescore: bool = False) -> Table:
                                                     "survival iou>0.5 hi", "", digits=1, percent=True)
     shown["survival cls>0.5 [95% CI]"] = _with_ci(frame, "survival cls>0.5", "survival cls>0.5 lo",
                                                     "survival cls>0.5 hi", "", digits=1, percent=True)
+    engines = sorted({f"{e['name']} {e['version']}" for e in (v.analysis.metrics["ap_engine"] for v in views)})
     table = Table("summary", shown, (
-        "One row per detector: COCO AP of its kept boxes; Spearman ρ between its NMS ranking score and IoU "
+        f"One row per detector: COCO AP of its kept boxes (COCOeval by {', '.join(engines)}); Spearman ρ between its NMS ranking score and IoU "
         "over candidates with IoU ≥ min_iou, and the divergence, with 95% bootstrap CIs over images; the share "
         "of boxes with IoU > 0.5 (and with cls > 0.5) that survive NMS.",
         "Higher AP and ρ, lower divergence are better; a survival of IoU>0.5 boxes far below that of cls>0.5 boxes "

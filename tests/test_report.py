@@ -214,6 +214,8 @@ def test_page_has_every_section_and_decodable_figures(pair_report):
     html = (pair_report / "index.html").read_text()
     for section in SECTION_IDS:
         assert f'id="{section}"' in html, section
+    engine = json.loads((pair_report / "metrics.json").read_text())["detectors"]["base"]["ap_engine"]
+    assert f"COCOeval by {engine['name']} {engine['version']}" in html  # the page names the AP engine
     images = decoded_images(html)
     pngs = sorted((pair_report / "figures").glob("*.png"))
     assert len(images) == len(pngs) >= 8
