@@ -682,6 +682,27 @@ def provenance_table(views, config, gt_path, palette) -> Table:
 # the report
 
 
+BOOTSTRAP_METHOD_TEXT = {
+    "exact": "exact replicates: Spearman ρ of each resample, its rows repeated as often as their image was drawn",
+    "linear": "linearised replicates: for each resample, ρ plus the sum over images of (times drawn − 1) × the "
+              "derivative of ρ with respect to that image's weight, the first-order term of the exact replicate "
+              "(Efron's linear bootstrap), used on pools of more than 20 M rows × resamples; on a COCO-sized pool "
+              "it differs from the exact replicate by under 1% of the replicates' spread",
+}
+
+
+def bootstrap_method_text(views) -> str:
+    """How the Spearman replicates were computed, for the page (per detector when they differ)."""
+    used = {v.name: v.analysis.settings.get("bootstrap_method") or [] for v in views}
+    kinds = sorted({m for methods in used.values() for m in methods})
+    if not kinds:
+        return "no replicates"
+    if len(kinds) == 1:
+        return BOOTSTRAP_METHOD_TEXT[kinds[0]]
+    return "; ".join(f"{kind} for {', '.join(n for n, m in used.items() if kind in m)}: {BOOTSTRAP_METHOD_TEXT[kind]}"
+                     for kind in kinds)
+
+
 def build_context(views, metrics, config, gt_path) -> dict:
     import datetime as dt
 
@@ -734,6 +755,7 @@ def build_context(views, metrics, config, gt_path) -> dict:
         "params": {"min_iou": config.min_iou, "bootstrap": config.bootstrap, "seed": config.seed,
                    "num_images": config.num_images, "before_after": config.before_after_nms,
                    "min_candidates": views[0].analysis.settings.get("min_count", 3), "rescore": config.rescore,
+                   "bootstrap_method_text": bootstrap_method_text(views),
                    "rescore_thresh": None if config.rescore_thresh is None else f"{config.rescore_thresh:g}"},
     }
 
