@@ -18,6 +18,7 @@ Public API:
 - rank_correlations(x, y, spearman=True) -> {"spearman", "kendall", "pearson"}
 - group_midranks(codes, values) -> [n] midranks within groups
 - per_gt_spearman(x, y, gt_id, image_id=None, min_count=3) -> DataFrame (gt_id, image_id, n, spearman)
+- per_gt_spearman_columns(xs, y, gt_id, image_id=None, min_count=3) -> [DataFrame] (y ranked once)
 - weighted_spearman(x, y, weights) -> float (Spearman of the data with row i repeated weights[i] times)
 - RankedPool(x, y, image_pos, num_images).spearman(counts) / .replicates(count_matrix)
 - spearman_influence(xs, y, image_pos, num_images) -> (rho [K], d rho / d image weight [I, K])
@@ -106,8 +107,13 @@ def per_gt_spearman(x, y, gt_id, image_id=None, min_count: int = 3) -> pd.DataFr
     Returns one row per such box, sorted by gt_id: gt_id, image_id (of its rows; -1 if not given),
     n, spearman (NaN where all x or all y of the box are tied). Rows with gt_id -1 are ignored.
     """
+    return per_gt_spearman_columns([x], y, gt_id, image_id, min_count)[0]
+
+
+def per_gt_spearman_columns(xs, y, gt_id, image_id=None, min_count: int = 3) -> list[pd.DataFrame]:
+    """`per_gt_spearman` of each score array of `xs` [n] against the same y [n] (y ranked once)."""
     gt_id = np.asarray(gt_id, dtype=np.int64)
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     image_id = np.full(len(gt_id), -1, np.int64) if image_id is None else np.asarray(image_id, np.int64)
     matched = np.flatnonzero(gt_id >= 0)
     _, codes, sizes = np.unique(gt_id[matched], return_inverse=True, return_counts=True)
@@ -116,15 +122,18 @@ def per_gt_spearman(x, y, gt_id, image_id=None, min_count: int = 3) -> pd.DataFr
     codes = codes.reshape(-1)
     n = np.bincount(codes, minlength=len(ids)).astype(np.float64)
     centre = (n[codes] + 1) / 2  # the mean midrank of a group of n rows
-    rx = group_midranks(codes, x[rows]) - centre
     ry = group_midranks(codes, y[rows]) - centre
-    sxy = np.bincount(codes, rx * ry, minlength=len(ids))
-    sxx = np.bincount(codes, rx * rx, minlength=len(ids))
     syy = np.bincount(codes, ry * ry, minlength=len(ids))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where((sxx > 0) & (syy > 0), sxy / np.sqrt(sxx * syy), np.nan)
-    return pd.DataFrame({"gt_id": ids.astype(np.int64), "image_id": image_id[rows][first],
-                         "n": n.astype(np.int64), "spearman": np.clip(rho, -1.0, 1.0)})
+    tables = []
+    for x in xs:
+        rx = group_midranks(codes, np.asarray(x, dtype=np.float64)[rows]) - centre
+        sxy = np.bincount(codes, rx * ry, minlength=len(ids))
+        sxx = np.bincount(codes, rx * rx, minlength=len(ids))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho = np.where((sxx > 0) & (syy > 0), sxy / np.sqrt(sxx * syy), np.nan)
+        tables.append(pd.DataFrame({"gt_id": ids.astype(np.int64), "image_id": image_id[rows][first],
+                                    "n": n.astype(np.int64), "spearman": np.clip(rho, -1.0, 1.0)}))
+    return tables
 
 
 def _weighted_midranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ import pandas as pd
 from misalign import counts as _counts
 from misalign.cocoeval import STAT_KEYS, engine_info, evaluate_detections, load_ground_truth
 from misalign.correlation import (RankedPool, bootstrap_counts, correlation_pool, linear_replicates,
-                                  per_gt_spearman, percentile_ci, pool_mask, rank_correlations,
+                                  per_gt_spearman_columns, percentile_ci, pool_mask, rank_correlations,
                                   spearman_influence)
 from misalign.errors import InputError
 from misalign.ledger import Ledger, read_ledger
@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 METRICS_SCHEMA = 1
 ANALYSIS_COLUMNS = ["image_id", "category_id", "x1", "y1", "x2", "y2", "w", "h", "cls_score", "obj_score",
                     "score", "kept", "iou", "gt_id", "crowd"]  # the candidates columns every analysis needs
+AP_COLUMNS = ["image_id", "category_id", "x1", "y1", "w", "h", "score"]  # what COCOeval reads of the kept rows
+BOX_COLUMNS = ("x1", "y1", "x2", "y2", "w", "h")
+# Without the boxes: what `analyze` needs of every row. The kept rows' boxes (AP) are then read
+# separately, filtered row group by row group, so the boxes of the pre-NMS pool are never in memory.
+STREAMED_ANALYSIS_COLUMNS = [c for c in ANALYSIS_COLUMNS if c not in BOX_COLUMNS]
 SCORE_COLUMNS = ("cls_score", "obj_score", "score")
 DEFAULT_BOOTSTRAP = 200  # resamples of images for the CIs
 # How the Spearman replicates are computed: 'exact' (RankedPool: the resample's own weighted
@@ -79,6 +84,17 @@ def evaluate_ap(coco_gt, kept: pd.DataFrame, image_ids) -> dict[str, float]:
     dets = np.column_stack([kept["image_id"].to_numpy(np.float64), x1, y1, w, h,
                             kept["score"].to_numpy(np.float64), kept["category_id"].to_numpy(np.float64)])
     return evaluate_detections(coco_gt, dets, image_ids)  # [N, 7] pycocotools' loadNumpyAnnotations layout
+
+
+def _kept_rows(ledger: Ledger) -> pd.DataFrame:
+    """The kept rows with AP_COLUMNS: from the candidates in memory, or read (kept rows only) when
+    the ledger was read without boxes (STREAMED_ANALYSIS_COLUMNS)."""
+    candidates = ledger.candidates
+    if all(c in candidates.columns for c in ("x1", "y1", "x2", "y2")):
+        return candidates[candidates["kept"].to_numpy()]
+    from misalign.ledger import read_candidates
+
+    return read_candidates(ledger.folder, AP_COLUMNS, kept_only=True)
 
 
 def check_ground_truth(ledger: Ledger, coco_gt, gt_name: str) -> None:
@@ -167,10 +183,9 @@ def bootstrap_method_for(pool_rows: int, num_resamples: int, method: str = "auto
     return "exact" if pool_rows * num_resamples <= EXACT_BOOTSTRAP_BUDGET else "linear"
 
 
-def _spearman_bootstrap(candidates, group, image_ids, counts_matrix, min_iou, method="auto"):
-    """Spearman rho of each column of `group` on the full pool [K], on every resample [B, K], and the
-    replicates' method ('exact' or 'linear')."""
-    pools = [correlation_pool(candidates, column, min_iou) for column in group]
+def _spearman_bootstrap(pools, image_ids, counts_matrix, method="auto"):
+    """Spearman rho of each pool's score array (pools share rows) on the full pool [K], on every
+    resample [B, K], and the replicates' method ('exact' or 'linear')."""
     _, y, img, _ = pools[0]
     method = bootstrap_method_for(len(y), len(counts_matrix), method)
     image_pos = np.searchsorted(image_ids, img)
@@ -179,7 +194,7 @@ def _spearman_bootstrap(candidates, group, image_ids, counts_matrix, min_iou, me
         return point, linear_replicates(point, grad, counts_matrix), method
     ranked = RankedPool([p[0] for p in pools], y, image_pos, len(image_ids))
     point = ranked.spearman(np.ones(len(image_ids)))  # equals scipy's spearmanr on the pool
-    reps = ranked.replicates(counts_matrix) if len(counts_matrix) else np.zeros((0, len(group)))
+    reps = ranked.replicates(counts_matrix) if len(counts_matrix) else np.zeros((0, len(pools)))
     return point, reps, method
 
 
@@ -193,29 +208,31 @@ def _divergence_replicates(per_gt: pd.DataFrame, image_ids, counts_matrix) -> np
 
 
 def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_count, method="auto"):
-    """(metrics 'correlation' dict, per-gt tables, replicates, {column: bootstrap method}) for each score column."""
+    """(metrics 'correlation' dict, per-gt tables, replicates, {column: bootstrap method}) for each score column.
+
+    Columns with the same pool rows share it: one selection, one ranking of iou, one bootstrap.
+    """
     result, per_gt, replicates, methods = {}, {}, {}, {}
     for group in _shared_pools(candidates, columns, min_iou):
-        point, reps, used = _spearman_bootstrap(candidates, group, image_ids, counts_matrix, min_iou, method)
-        methods.update({column: used for column in group})
-        for k, column in enumerate(group):
+        pools = [correlation_pool(candidates, column, min_iou) for column in group]
+        point, reps, used = _spearman_bootstrap(pools, image_ids, counts_matrix, method)
+        _, y, img, gt = pools[0]
+        tables = per_gt_spearman_columns([p[0] for p in pools], y, gt, img, min_count)
+        for k, (column, table) in enumerate(zip(group, tables)):
+            methods[column] = used
             replicates[f"spearman:{column}"] = reps[:, k]
-            result[column] = {"spearman": point[k]}
-    for column in columns:
-        x, y, img, gt = correlation_pool(candidates, column, min_iou)
-        table = per_gt_spearman(x, y, gt, img, min_count)
-        per_gt[column] = table
-        defined = table[np.isfinite(table["spearman"].to_numpy())]  # constant scores or IoUs: skipped
-        if len(defined) < len(table):
-            log.info("%s: %d gt boxes with constant scores or IoUs left out of spearman_per_gt",
-                     column, len(table) - len(defined))
-        replicates[f"divergence:{column}"] = _divergence_replicates(defined, image_ids, counts_matrix)
-        mean_rho = float(defined["spearman"].mean()) if len(defined) else np.nan
-        entry = {**result[column], **rank_correlations(x, y, spearman=False),
-                 "spearman_per_gt": mean_rho, "divergence": (1 - mean_rho) / 2}
-        result[column] = {key: _finite(value) for key, value in entry.items()}
-        result[column].update({"n": int(len(x)), "n_gt": int(len(defined)),
-                               "ci95": {"spearman": percentile_ci(replicates[f"spearman:{column}"])}})
+            per_gt[column] = table
+            defined = table[np.isfinite(table["spearman"].to_numpy())]  # constant scores or IoUs: skipped
+            if len(defined) < len(table):
+                log.info("%s: %d gt boxes with constant scores or IoUs left out of spearman_per_gt",
+                         column, len(table) - len(defined))
+            replicates[f"divergence:{column}"] = _divergence_replicates(defined, image_ids, counts_matrix)
+            mean_rho = float(defined["spearman"].mean()) if len(defined) else np.nan
+            entry = {"spearman": point[k], **rank_correlations(pools[k][0], y, spearman=False),
+                     "spearman_per_gt": mean_rho, "divergence": (1 - mean_rho) / 2}
+            result[column] = {key: _finite(value) for key, value in entry.items()}
+            result[column].update({"n": int(len(y)), "n_gt": int(len(defined)),
+                                   "ci95": {"spearman": percentile_ci(replicates[f"spearman:{column}"])}})
     return {column: result[column] for column in columns}, per_gt, replicates, methods
 
 
@@ -231,15 +248,14 @@ def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
     Spearman replicates are computed (BOOTSTRAP_METHODS; settings['bootstrap_method'] says which).
     """
     if not isinstance(ledger, Ledger):
-        ledger = read_ledger(ledger, columns=ANALYSIS_COLUMNS)
+        ledger = read_ledger(ledger, columns=STREAMED_ANALYSIS_COLUMNS)
     coco_gt, gt_name = _resolve_gt(ledger, gt, ap_backend)
     check_ground_truth(ledger, coco_gt, gt_name)
     candidates = ledger.candidates
     images = ledger.images
     image_ids = np.sort(images["image_id"].to_numpy(np.int64))
 
-    kept = candidates[candidates["kept"].to_numpy()]
-    ap = evaluate_ap(coco_gt, kept, image_ids)
+    ap = evaluate_ap(coco_gt, _kept_rows(ledger), image_ids)
     per_image = _counts.per_image_counts(ledger)
     totals = _counts.stage_totals(per_image, pre_nms=ledger.pre_nms)
 

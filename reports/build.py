@@ -190,7 +190,8 @@ def _view(ledger, analysis, name: str, shown_ids) -> DumpView:
 def analyse_dumps(dumps, config: ReportConfig) -> tuple[list[DumpView], Path]:
     """Validate and analyse every dump (one at a time); returns their views and the gt path."""
     from misalign.ledger import read_images, read_ledger, read_meta, validate_ledger
-    from misalign.metrics import ANALYSIS_COLUMNS, analyze, check_ground_truth, load_ground_truth
+    from misalign.metrics import (ANALYSIS_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze, check_ground_truth,
+                                  load_ground_truth)
 
     folders = [Path(d) for d in dumps]
     names = _detector_names(folders, config.names)
@@ -205,7 +206,8 @@ def analyse_dumps(dumps, config: ReportConfig) -> tuple[list[DumpView], Path]:
     shown_ids = images_to_show(image_tables[0], config.num_images)
     views = []
     for folder, name in zip(folders, names):
-        ledger = read_ledger(folder, columns=ANALYSIS_COLUMNS)
+        # rescoring re-runs NMS on every box; otherwise only the kept rows' boxes are read (for AP)
+        ledger = read_ledger(folder, columns=ANALYSIS_COLUMNS if config.rescore else STREAMED_ANALYSIS_COLUMNS)
         check_ground_truth(ledger, coco_gt, str(gt_path))
         log.info("analysing %s (%d candidates)", name, len(ledger.candidates))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=config.min_iou, bootstrap=config.bootstrap,
