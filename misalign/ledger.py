@@ -427,26 +427,26 @@ def parquet_parts(path: Path) -> list[Path]:
 
 
 def iter_batches(path: Path, columns, kept_only: bool = False):
-    """Yield pyarrow RecordBatches of `columns` over every part and row group of `path`, in order.
+    """Yield pyarrow Tables of `columns`, one per row group of every part of `path`, in order.
 
-    kept_only: each batch filtered to its rows with `kept` true (read alongside, then dropped)."""
+    kept_only: each row group filtered to its rows with `kept` true (read alongside, then dropped).
+    (Reading whole row groups is ~3x faster than pyarrow's iter_batches or read_table here.)"""
     columns = list(columns)
     read = columns + (["kept"] if kept_only and "kept" not in columns else [])
     for part in parquet_parts(path):
-        for batch in pq.ParquetFile(part).iter_batches(columns=read, batch_size=1 << 20):
+        file = pq.ParquetFile(part)
+        for group in range(file.num_row_groups):
+            table = file.read_row_group(group, columns=read)
             if kept_only:
-                batch = batch.filter(batch.column("kept")).select(columns)
-            yield batch
+                table = table.filter(table.column("kept")).select(columns)
+            yield table
 
 
 def _read_arrow(path: Path, columns, kept_only: bool = False) -> pa.Table:
-    parts = parquet_parts(path)
-    if len(parts) == 1 and not kept_only:
-        return pq.read_table(parts[0], columns=columns)
-    batches = list(iter_batches(path, columns, kept_only))
-    if not batches:
-        return pq.read_table(parts[0], columns=columns).slice(0, 0)
-    return pa.Table.from_batches(batches).combine_chunks()
+    tables = list(iter_batches(path, columns, kept_only))
+    if not tables:
+        return pq.read_table(parquet_parts(path)[0], columns=columns).slice(0, 0)
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def _read_table(path: Path, schema: pa.Schema, columns, kept_only: bool = False) -> pd.DataFrame:
