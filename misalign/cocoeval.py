@@ -45,6 +45,8 @@ _ENGINES = {
     "pycocotools": Engine("pycocotools", "pycocotools", "pycocotools.coco", "COCO", "COCOeval"),
 }
 AUTO_ORDER = ("ultrafast", "hotcoco", "faster", "pycocotools")
+ENGINE_NAMES = {key: engine.name for key, engine in _ENGINES.items()}  # --ap-backend -> distribution name
+ENGINE_MODULES = {key: engine.module for key, engine in _ENGINES.items()}
 ENGINES = ("auto", *_ENGINES)  # 'auto': the first of AUTO_ORDER that is installed
 
 
