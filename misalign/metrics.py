@@ -7,7 +7,7 @@ resamples are drawn over the ledger's images sorted by id, from `seed`: two dump
 images analysed with the same seed and B share their resamples, so their differences are paired.
 
 Conventions (see also misalign.counts and misalign.correlation): AP is COCOeval's (pycocotools, or
-faster-coco-eval, which gives identical numbers) on the kept rows ranked by `score`, with every
+an engine of misalign.cocoeval that gives its numbers bit for bit) on the kept rows ranked by `score`, with every
 image of images.parquet evaluated. For a post-NMS-only ledger (meta.json `pre_nms: false`, e.g. a
 COCO results import) there is no pre-NMS stage: its pre_nms counts, proportions and survival are
 empty, and the correlations are taken over the kept boxes, the only pool it has. Undefined numbers
@@ -15,9 +15,9 @@ empty, and the correlations are taken over the kept boxes, the only pool it has.
 
 Public API:
 - ANALYSIS_COLUMNS, SCORE_COLUMNS, DEFAULT_BOOTSTRAP, METRICS_SCHEMA
-- load_ground_truth(path, backend="auto") -> COCO object (pycocotools or faster-coco-eval)
+- load_ground_truth(path, backend="auto") -> COCO object of the engine (misalign.cocoeval.ENGINES)
 - evaluate_ap(coco_gt, kept, image_ids) -> {"AP": .., ..., "ARl": ..}
-- analyze(ledger, gt=None, *, min_iou, bootstrap, seed, ap_backend) -> Analysis
+- analyze(ledger, gt=None, *, min_iou, bootstrap, seed, ap_backend, bootstrap_method) -> Analysis
 - compute_metrics(ledger, gt=None, **same) -> dict (one detector's metrics.json entry)
 - metrics_document(analyses) -> {"schema": 1, "detectors": {...}}
 - summary_table(analyses) -> DataFrame (one row per detector: the headline numbers with CIs)
