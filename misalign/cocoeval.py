@@ -1,10 +1,13 @@
 """COCO AP/AR: COCOeval (bbox, maxDets 1/10/100), the only AP misalign reports. Never a hand-written AP.
 
-Two engines compute the same twelve numbers: pycocotools (the reference) and faster-coco-eval
-(several times faster on large splits; the tests check it against pycocotools on the same files,
-ties on IoU thresholds included). `load_ground_truth` picks one; `evaluate_detections` runs it;
-`engine_info` names it for metrics.json. The detections go in as the ledger's own float64 numbers
-(x1, y1, w, h, score), so the result equals pycocotools run on the original results file.
+Several engines compute the same twelve numbers: pycocotools (the reference) and drop-in
+reimplementations of it that the tests check against pycocotools bit for bit on the same files
+(boxes exactly on IoU thresholds, crowd regions, area-range edges, empty results, no ground truth).
+'auto' takes the fastest one installed, in the order of AUTO_ORDER: ultrafast-pycocotools (Rust,
+~60x pycocotools on a COCO-sized result set), then hotcoco (Rust, about as fast), then
+faster-coco-eval (C++, ~4x), then pycocotools. `load_ground_truth` picks one; `evaluate_detections`
+runs it; `engine_info` names it for metrics.json. The detections go in as the ledger's own float64
+numbers (x1, y1, w, h, score), so the result equals pycocotools run on the original results file.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+from dataclasses import dataclass
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -21,7 +26,28 @@ from misalign.errors import InputError
 
 # The twelve COCOeval.stats, in pycocotools' order.
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-ENGINES = ("auto", "faster", "pycocotools")  # 'auto': faster-coco-eval when installed
+
+
+@dataclass(frozen=True)
+class Engine:
+    key: str  # --ap-backend value
+    name: str  # distribution name (metrics.json ap_engine.name)
+    module: str  # module with COCO and COCOeval (pycocotools' API)
+    coco: str  # attribute of `module` (or a submodule) that loads a COCO file
+    evaluator: str  # COCOeval class
+
+
+# Each gives COCOeval's numbers bit for bit (tests/test_ap_fidelity.py), fastest first.
+_ENGINES = {
+    "ultrafast": Engine("ultrafast", "ultrafast-pycocotools", "ultrafast_pycocotools", "COCO", "COCOeval"),
+    "hotcoco": Engine("hotcoco", "hotcoco", "hotcoco", "COCO", "COCOeval"),
+    "faster": Engine("faster", "faster-coco-eval", "faster_coco_eval", "COCO", "COCOeval_faster"),
+    "pycocotools": Engine("pycocotools", "pycocotools", "pycocotools.coco", "COCO", "COCOeval"),
+}
+AUTO_ORDER = ("ultrafast", "hotcoco", "faster", "pycocotools")
+ENGINE_NAMES = {key: engine.name for key, engine in _ENGINES.items()}  # --ap-backend -> distribution name
+ENGINE_MODULES = {key: engine.module for key, engine in _ENGINES.items()}
+ENGINES = ("auto", *_ENGINES)  # 'auto': the first of AUTO_ORDER that is installed
 
 
 def load_gt_quietly(ann_path):
@@ -32,39 +58,59 @@ def load_gt_quietly(ann_path):
         return COCO(str(ann_path))
 
 
+def _module(engine: Engine):
+    try:
+        return import_module(engine.module)
+    except ImportError:
+        return None
+
+
+def resolve_engine(backend: str = "auto") -> Engine:
+    """The Engine behind `backend` (ENGINES); InputError if it is not installed."""
+    if backend not in ENGINES:
+        raise ValueError(f"unknown AP backend {backend!r}")
+    if backend != "auto":
+        if _module(_ENGINES[backend]) is None:
+            raise InputError(f"--ap-backend: {_ENGINES[backend].name} is not installed")
+        return _ENGINES[backend]
+    return next(_ENGINES[k] for k in AUTO_ORDER if _module(_ENGINES[k]) is not None)
+
+
+def _engine_of(coco_gt) -> tuple[object, Engine]:
+    """(coco_gt, the Engine whose COCO class it is)."""
+    module = type(coco_gt).__module__
+    for engine in _ENGINES.values():
+        top = engine.module.split(".")[0]
+        if module.startswith(top) or (engine.key == "hotcoco" and _is_hotcoco(coco_gt)):
+            return coco_gt, engine
+    return coco_gt, _ENGINES["pycocotools"]
+
+
+def _is_hotcoco(coco) -> bool:
+    hot = _module(_ENGINES["hotcoco"])
+    return hot is not None and isinstance(coco, hot.COCO)
+
+
 def load_ground_truth(path, backend: str = "auto"):
     """The COCO ground truth in `path` for AP, as the engine `backend` (ENGINES) reads it.
 
-    InputError if the file is missing or not COCO, or if 'faster' is asked for and not installed.
+    InputError if the file is missing or not COCO, or if the engine asked for is not installed.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: ground-truth file not found")
-    if backend not in ENGINES:
-        raise ValueError(f"unknown AP backend {backend!r}")
-    loader = load_gt_quietly
-    if backend in ("auto", "faster"):
-        try:
-            from faster_coco_eval import COCO as FasterCOCO
-        except ImportError:
-            if backend == "faster":
-                raise InputError("--ap-backend: faster-coco-eval is not installed") from None
-        else:
-            loader = FasterCOCO
+    engine = resolve_engine(backend)
+    loader = getattr(import_module(engine.module), engine.coco)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return loader(str(path))
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise InputError(f"{path}: not a COCO annotation file ({err})") from None
-
-
-def _is_faster(coco_gt) -> bool:
-    return type(coco_gt).__module__.startswith("faster_coco_eval")
 
 
 def engine_info(coco_gt) -> dict:
     """{"name", "version"} of the engine that evaluates against `coco_gt` (metrics.json `ap_engine`)."""
-    name = "faster-coco-eval" if _is_faster(coco_gt) else "pycocotools"
+    name = _engine_of(coco_gt)[1].name
     try:
         return {"name": name, "version": version(name)}
     except PackageNotFoundError:
@@ -72,7 +118,7 @@ def engine_info(coco_gt) -> dict:
 
 
 def _empty_results(coco_gt):
-    """A results object with no detections: loadRes cannot build one (it reads the first entry)."""
+    """pycocotools' results object with no detections: its loadRes cannot build one (it reads the first entry)."""
     coco_dt = type(coco_gt)()
     coco_dt.dataset = {"images": list(coco_gt.dataset["images"]),
                        "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
@@ -89,17 +135,19 @@ def evaluate_detections(coco_gt, detections: np.ndarray, image_ids=None) -> dict
     Returns the twelve stats under STAT_KEYS, exactly as COCOeval gives them: -1 where it has
     nothing to measure (no ground truth of an area range, or none at all), 0 with no detections.
     """
-    from pycocotools.cocoeval import COCOeval
-
-    detections = np.asarray(detections, dtype=np.float64).reshape(-1, 7)
+    coco, engine = _engine_of(coco_gt)
+    module = import_module(engine.module if engine.key != "pycocotools" else "pycocotools.cocoeval")
+    evaluator_class = getattr(module, engine.evaluator)
+    detections = np.ascontiguousarray(np.asarray(detections, dtype=np.float64).reshape(-1, 7))
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(detections) if len(detections) else _empty_results(coco_gt)
-        if _is_faster(coco_gt):
-            from faster_coco_eval import COCOeval_faster
-
-            evaluator = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=lambda *args: None)
+        if engine.key in ("pycocotools", "faster") and not len(detections):
+            coco_dt = _empty_results(coco)
+        else:  # the Rust engines take an empty [0, 7] array as no detections
+            coco_dt = coco.loadRes(detections)
+        if engine.key == "faster":
+            evaluator = evaluator_class(coco, coco_dt, "bbox", print_function=lambda *args: None)
         else:
-            evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+            evaluator = evaluator_class(coco, coco_dt, "bbox")
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         evaluator.evaluate()

@@ -18,8 +18,11 @@ Public API:
 - rank_correlations(x, y, spearman=True) -> {"spearman", "kendall", "pearson"}
 - group_midranks(codes, values) -> [n] midranks within groups
 - per_gt_spearman(x, y, gt_id, image_id=None, min_count=3) -> DataFrame (gt_id, image_id, n, spearman)
+- per_gt_spearman_columns(xs, y, gt_id, image_id=None, min_count=3) -> [DataFrame] (y ranked once)
 - weighted_spearman(x, y, weights) -> float (Spearman of the data with row i repeated weights[i] times)
 - RankedPool(x, y, image_pos, num_images).spearman(counts) / .replicates(count_matrix)
+- spearman_influence(xs, y, image_pos, num_images) -> (rho [K], d rho / d image weight [I, K])
+- linear_replicates(rho, grad, count_matrix) -> [B, K] first-order bootstrap replicates
 - bootstrap_counts(num_images, num_resamples, seed) -> [B, I] int32
 - percentile_ci(replicates, level=0.95) -> [lo, hi] (None when undefined)
 """
@@ -104,8 +107,13 @@ def per_gt_spearman(x, y, gt_id, image_id=None, min_count: int = 3) -> pd.DataFr
     Returns one row per such box, sorted by gt_id: gt_id, image_id (of its rows; -1 if not given),
     n, spearman (NaN where all x or all y of the box are tied). Rows with gt_id -1 are ignored.
     """
+    return per_gt_spearman_columns([x], y, gt_id, image_id, min_count)[0]
+
+
+def per_gt_spearman_columns(xs, y, gt_id, image_id=None, min_count: int = 3) -> list[pd.DataFrame]:
+    """`per_gt_spearman` of each score array of `xs` [n] against the same y [n] (y ranked once)."""
     gt_id = np.asarray(gt_id, dtype=np.int64)
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     image_id = np.full(len(gt_id), -1, np.int64) if image_id is None else np.asarray(image_id, np.int64)
     matched = np.flatnonzero(gt_id >= 0)
     _, codes, sizes = np.unique(gt_id[matched], return_inverse=True, return_counts=True)
@@ -114,15 +122,18 @@ def per_gt_spearman(x, y, gt_id, image_id=None, min_count: int = 3) -> pd.DataFr
     codes = codes.reshape(-1)
     n = np.bincount(codes, minlength=len(ids)).astype(np.float64)
     centre = (n[codes] + 1) / 2  # the mean midrank of a group of n rows
-    rx = group_midranks(codes, x[rows]) - centre
     ry = group_midranks(codes, y[rows]) - centre
-    sxy = np.bincount(codes, rx * ry, minlength=len(ids))
-    sxx = np.bincount(codes, rx * rx, minlength=len(ids))
     syy = np.bincount(codes, ry * ry, minlength=len(ids))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where((sxx > 0) & (syy > 0), sxy / np.sqrt(sxx * syy), np.nan)
-    return pd.DataFrame({"gt_id": ids.astype(np.int64), "image_id": image_id[rows][first],
-                         "n": n.astype(np.int64), "spearman": np.clip(rho, -1.0, 1.0)})
+    tables = []
+    for x in xs:
+        rx = group_midranks(codes, np.asarray(x, dtype=np.float64)[rows]) - centre
+        sxy = np.bincount(codes, rx * ry, minlength=len(ids))
+        sxx = np.bincount(codes, rx * rx, minlength=len(ids))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho = np.where((sxx > 0) & (syy > 0), sxy / np.sqrt(sxx * syy), np.nan)
+        tables.append(pd.DataFrame({"gt_id": ids.astype(np.int64), "image_id": image_id[rows][first],
+                                    "n": n.astype(np.int64), "spearman": np.clip(rho, -1.0, 1.0)}))
+    return tables
 
 
 def _weighted_midranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -256,6 +267,88 @@ class RankedPool:
     def replicates(self, count_matrix: np.ndarray) -> np.ndarray:
         """[B, K] Spearman rho of each resample (rows of count_matrix [B, num_images])."""
         return np.array([self.spearman(c) for c in count_matrix], dtype=np.float64).reshape(len(count_matrix), -1)
+
+
+def _ranks_and_ties(values: np.ndarray):
+    """Midranks [n] (from 1, ties averaged), the tie-group size of each row [n], and the order [n]
+    with each sorted row's tie group [n] (groups numbered in ascending value)."""
+    n = len(values)
+    order = np.argsort(values)  # any order within ties will do: they share a group
+    ordered = values[order]
+    new = np.empty(n, bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    group = np.cumsum(new) - 1  # [n] tie group of each sorted row
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.r_[starts, n]).astype(np.float64)  # [G]
+    ranks = np.empty(n)
+    ranks[order] = (starts + (sizes + 1) / 2)[group]
+    tie = np.empty(n)
+    tie[order] = sizes[group]
+    return ranks, tie, order, group
+
+
+def _above_plus_half_tied(order: np.ndarray, group: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[n]: for each row l, the sum of `values` over rows ranked above l in the ordering
+    (order, group) of `_ranks_and_ties`, plus half the sum over the rows tied with l (l included)."""
+    sums = np.bincount(group, values[order])  # [G] per tie group
+    above = sums.sum() - np.cumsum(sums)  # [G] over the groups above
+    result = np.empty(len(order))
+    result[order] = (above + sums / 2)[group]
+    return result
+
+
+def spearman_influence(xs, y, image_pos, num_images: int):
+    """Spearman rho of each score array with y, and its derivative with respect to each image's weight.
+
+    xs: one or more score arrays [n] sharing the rows of y [n]; image_pos [n] the image (0..num_images-1)
+    of each row. Spearman under integer image weights c (rows of image i repeated c[i] times) is a
+    rational function of c (weighted midranks, see RankedPool); it extends to real weights as
+    `weighted_spearman` computes it. Returns (rho [K] at c = 1, which equals scipy's spearmanr, and
+    grad [num_images, K] = d rho / d c[i] at c = 1; NaN where rho is undefined).
+
+    With rx, ry the centred midranks and t the tie-group size of a row:
+        S_xy = sum w rx ry,  S_xx = (W^3 - W - sum_groups (t^3 - t)) / 12
+        d S_xx / d w_l = (W^2 - t_l^2) / 4
+        d S_xy / d w_l = rx_l ry_l + sum_{x_i > x_l} ry_i + 1/2 sum_{x_i = x_l} ry_i  (+ the same with x, y swapped)
+    (the d m / d w terms vanish because centred ranks sum to 0), and d rho = d S_xy / sqrt(S_xx S_yy)
+    - rho / 2 (d S_xx / S_xx + d S_yy / S_yy). O(n log n) once, for any number of resamples.
+    """
+    xs = [np.asarray(x, dtype=np.float64) for x in (xs if isinstance(xs, (list, tuple)) else [xs])]
+    image_pos = np.asarray(image_pos, dtype=np.intp)
+    n = len(image_pos)
+    rho = np.full(len(xs), np.nan)
+    grad = np.full((num_images, len(xs)), np.nan)
+    if n < 2:
+        return rho, grad
+    centre = (n + 1) / 2
+    ry, ty, y_order, y_group = _ranks_and_ties(np.asarray(y, dtype=np.float64))
+    ry -= centre
+    syy = float(np.dot(ry, ry))
+    dsyy = (n * n - ty * ty) / 4  # [n]
+    for k, x in enumerate(xs):
+        rx, tx, x_order, x_group = _ranks_and_ties(x)
+        rx -= centre
+        sxx = float(np.dot(rx, rx))
+        if sxx <= 0 or syy <= 0:
+            continue
+        sxy = float(np.dot(rx, ry))
+        rho[k] = r = float(np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0))
+        dsxy = rx * ry + _above_plus_half_tied(x_order, x_group, ry) + _above_plus_half_tied(y_order, y_group, rx)
+        dsxx = (n * n - tx * tx) / 4
+        drho = dsxy / np.sqrt(sxx * syy) - r / 2 * (dsxx / sxx + dsyy / syy)  # [n] per row weight
+        grad[:, k] = np.bincount(image_pos, drho, minlength=num_images)
+    return rho, grad
+
+
+def linear_replicates(rho: np.ndarray, grad: np.ndarray, count_matrix: np.ndarray) -> np.ndarray:
+    """[B, K] first-order bootstrap replicates rho + (c_b - 1) . grad for resamples c_b [B, I].
+
+    The linear term of the exact replicate's Taylor expansion around c = 1 (Efron's linear /
+    infinitesimal-jackknife bootstrap), for the same resample counts as the exact replicates.
+    """
+    deltas = np.asarray(count_matrix, dtype=np.float64) - 1.0  # [B, I]
+    return np.clip(rho[None, :] + np.einsum("bi,ik->bk", deltas, grad), -1.0, 1.0)
 
 
 def bootstrap_counts(num_images: int, num_resamples: int, seed: int = 0) -> np.ndarray:

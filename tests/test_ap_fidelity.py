@@ -5,6 +5,7 @@ ones `misalign import` + `misalign report` write to metrics.json.
 """
 
 import contextlib
+import importlib.util
 import copy
 import io
 import json
@@ -19,7 +20,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from cli import main
-from misalign.cocoeval import STAT_KEYS, evaluate_detections, load_ground_truth
+from misalign.cocoeval import (AUTO_ORDER, ENGINE_MODULES, ENGINE_NAMES, STAT_KEYS, engine_info, evaluate_detections,
+                               load_ground_truth, resolve_engine)
 from misalign.importer import import_predictions
 from misalign.ledger import CANDIDATE_SCHEMA, read_candidates, read_ledger, validate_ledger
 from misalign.truth import crowd_ignored, match_truth
@@ -90,16 +92,73 @@ def test_report_ap_equals_pycocotools_on_the_original_files_to_the_last_digit(tm
     reference = pycocotools_stats(gt_path, results_path)
     metrics, dump = report_metrics(tmp_path, gt_path, results_path)
     assert [metrics["ap"][k] for k in STAT_KEYS] == reference  # ==, not approx
-    assert metrics["ap_engine"]["name"] in ("pycocotools", "faster-coco-eval") and metrics["ap_engine"]["version"]
-    # Both engines, and the dump's own detections.json read back by pycocotools, give the same numbers.
+    assert metrics["ap_engine"] == {"name": ENGINE_NAMES[resolve_engine("auto").key],
+                                    "version": engine_info(load_ground_truth(gt_path))["version"]}
+    assert metrics["ap_engine"]["version"]
+    # Every engine kept, and the dump's own detections.json read back by pycocotools, give the same numbers.
     ledger = read_ledger(dump)
     kept = ledger.candidates[ledger.candidates["kept"]]
     from misalign.metrics import evaluate_ap
 
-    for engine in ("pycocotools", "faster"):
+    for engine in ("pycocotools", *KEPT_ENGINES):
         stats = evaluate_ap(load_ground_truth(gt_path, engine), kept, ledger.images["image_id"])
         assert [stats[k] for k in STAT_KEYS] == reference, engine
     assert pycocotools_stats(gt_path, dump / "detections.json") == reference
+
+
+KEPT_ENGINES = ("ultrafast", "hotcoco")  # misalign's fast engines; pycocotools is the reference
+
+
+def _array(results) -> np.ndarray:
+    return np.array([[d["image_id"], *d["bbox"], d["score"], d["category_id"]] for d in results],
+                    np.float64).reshape(-1, 7)
+
+
+@pytest.mark.parametrize("engine", KEPT_ENGINES)
+def test_engine_equals_pycocotools_on_the_hard_cases(tmp_path, on_threshold, engine):
+    """Boxes exactly on every IoU threshold with two-decimal coordinates and area-range edges,
+    a lone perfect box (pycocotools' AP 0.9999999999999998, not 1.0: faster-coco-eval 1.8 gives 1.0),
+    maxDets ties, crowd regions, no detections and no ground truth: all twelve stats with ==."""
+    pytest.importorskip(ENGINE_MODULES[engine])
+    gt_path, results_path = on_threshold
+    results = json.loads(results_path.read_text())
+    (tmp_path / "one").mkdir()
+    one = _gt_file(tmp_path / "one", [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400,
+                               "iscrowd": 0}])
+    crowd = tmp_path / "crowd"
+    crowd.mkdir()
+    crowd_gt = _gt_file(crowd, [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "area": 1e4, "iscrowd": 1},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [120, 120, 30, 30], "area": 900, "iscrowd": 0},
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [5.5, 5.25, 32, 32], "area": 1024, "iscrowd": 0}])
+    crowd_dets = [{"image_id": 1, "category_id": 1, "bbox": [10.5, 10.25, 40, 40], "score": 0.9},  # inside crowd
+                  {"image_id": 1, "category_id": 1, "bbox": [60, 0, 80, 40], "score": 0.8},  # half inside
+                  {"image_id": 1, "category_id": 1, "bbox": [121, 120, 30, 30], "score": 0.7},
+                  {"image_id": 2, "category_id": 1, "bbox": [5.5, 5.25, 32, 32], "score": 0.7}]
+    rng = np.random.default_rng(1)
+    ties = [{"image_id": int(i), "category_id": 1, "score": float(rng.choice([0.5, 0.25])),
+             "bbox": [round(float(rng.uniform(0, 150)), 2), round(float(rng.uniform(0, 150)), 2), 20.0, 20.0]}
+            for i in np.repeat([1, 2], 120)]  # > 100 per image, equal scores around maxDets 1, 10, 100
+    cases = [(gt_path, _array(results)), (one, _array([{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20],
+                                                       "score": 0.9}])),
+             (crowd_gt, _array(crowd_dets)), (crowd_gt, _array(ties)), (gt_path, np.zeros((0, 7)))]
+    no_gt = tmp_path / "nogt"
+    no_gt.mkdir()
+    cases.append((_gt_file(no_gt, []), _array(crowd_dets)))
+    for path, dets in cases:
+        with contextlib.redirect_stdout(io.StringIO()):
+            reference = list(evaluate_detections(load_ground_truth(path, "pycocotools"), dets).values())
+        got = list(evaluate_detections(load_ground_truth(path, engine), dets).values())
+        assert got == reference, (path, len(dets))
+    # the cases are discriminating: the lone box's AP is not 1.0, the no-gt case is all -1
+    assert evaluate_detections(load_ground_truth(one, engine), cases[1][1])["AP"] == 0.9999999999999998
+    assert list(evaluate_detections(load_ground_truth(cases[-1][0], engine), cases[-1][1]).values()) == [-1.0] * 12
+
+
+def test_auto_engine_is_the_fastest_installed():
+    installed = [key for key in AUTO_ORDER if importlib.util.find_spec(ENGINE_MODULES[key].split(".")[0])]
+    assert resolve_engine("auto").key == installed[0]
+    assert AUTO_ORDER[0] == "ultrafast" and AUTO_ORDER[-1] == "pycocotools"
 
 
 def test_the_case_is_sensitive_to_how_boxes_are_stored(tmp_path, on_threshold):
@@ -170,7 +229,7 @@ def test_no_detections_and_no_ground_truth_give_what_pycocotools_gives(tmp_path)
                                                  "score": 0.9}]))
     metrics, _ = report_metrics(no_gt, gt_path, no_gt / "one.json", "nogt")
     assert [metrics["ap"][k] for k in STAT_KEYS] == [-1.0] * 12 == pycocotools_stats(gt_path, no_gt / "one.json")
-    for engine in ("pycocotools", "faster"):
+    for engine in ("pycocotools", *KEPT_ENGINES):
         assert list(evaluate_detections(load_ground_truth(gt_path, engine), np.zeros((0, 7))).values()) == [-1.0] * 12
 
 

@@ -191,3 +191,60 @@ def test_read_only_requested_columns(tmp_path):
     read_candidates(tmp_path, columns=["iou"])  # an unrelated missing column does not matter here
     with pytest.raises(InputError, match="missing column.s. score"):
         read_candidates(tmp_path, columns=["score"])
+
+
+# --- candidates as a folder of Parquet parts (multi-GPU dumps) ---------------------------------------
+
+
+def _split_into_parts(folder, num_parts=3):
+    """Rewrite folder/candidates.parquet as folder/candidates.parquet/part-*.parquet (same rows, in order)."""
+    table = pq.read_table(folder / "candidates.parquet")
+    (folder / "candidates.parquet").unlink()
+    (folder / "candidates.parquet").mkdir()
+    bounds = np.linspace(0, table.num_rows, num_parts + 1).astype(int)
+    for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):  # parts cut through images too
+        pq.write_table(table.slice(lo, hi - lo), folder / "candidates.parquet" / f"part-{k:03d}.parquet",
+                       row_group_size=max(1, (hi - lo) // 2))
+    return table
+
+
+def test_candidates_folder_of_parts_reads_validates_and_analyses_like_one_file(tmp_path):
+    import shutil
+
+    from misalign.metrics import STREAMED_ANALYSIS_COLUMNS, analyze
+    from reports.synthetic import synthetic_ledger
+
+    gt = synthetic_ledger(tmp_path / "one", num_images=12, cands_per_image=80, seed=3, gt_path=tmp_path / "gt.json")
+    shutil.copytree(tmp_path / "one", tmp_path / "parts")
+    table = _split_into_parts(tmp_path / "parts")
+    assert (tmp_path / "parts" / "candidates.parquet").is_dir()
+    validate_ledger(tmp_path / "parts")
+    single, parts = read_candidates(tmp_path / "one"), read_candidates(tmp_path / "parts")
+    pd.testing.assert_frame_equal(parts, single)
+    assert len(parts) == table.num_rows
+    kept = read_candidates(tmp_path / "parts", ["cand_id", "x1", "w"], kept_only=True)
+    expected = single.loc[single["kept"], ["cand_id", "x1", "w"]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, expected)
+    assert 0 < len(kept) < len(single)
+    a = analyze(read_ledger(tmp_path / "one", STREAMED_ANALYSIS_COLUMNS), gt, bootstrap=20).metrics
+    b = analyze(tmp_path / "parts", gt, bootstrap=20).metrics
+    assert a == b and a["ap"]["AP"] > 0
+
+
+def test_candidates_parts_problems_name_the_part_or_row(tmp_path):
+    write_toy(tmp_path / "d")
+    table = _split_into_parts(tmp_path / "d", num_parts=2)
+    validate_ledger(tmp_path / "d")
+    part = tmp_path / "d" / "candidates.parquet" / "part-001.parquet"
+    bad = table.slice(table.num_rows // 2).to_pandas()
+    bad.loc[bad.index[1], "iou"] = 1.5  # second row of the second part
+    pq.write_table(pa.Table.from_pandas(bad, schema=CANDIDATE_SCHEMA, preserve_index=False), part)
+    with pytest.raises(InputError, match=rf"row {table.num_rows // 2 + 1} .*iou is outside"):
+        validate_ledger(tmp_path / "d")
+    pq.write_table(pa.Table.from_pandas(bad.drop(columns=["iou_any"]), preserve_index=False), part)
+    with pytest.raises(InputError, match="part-001.parquet: its columns differ"):
+        validate_ledger(tmp_path / "d")
+    for p in (tmp_path / "d" / "candidates.parquet").iterdir():
+        p.unlink()
+    with pytest.raises(InputError, match="without Parquet parts"):
+        validate_ledger(tmp_path / "d")

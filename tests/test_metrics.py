@@ -12,9 +12,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import stats
 
-from misalign.cocoeval import STAT_KEYS
+from misalign.cocoeval import ENGINE_MODULES, ENGINE_NAMES, STAT_KEYS
 from misalign.correlation import (RankedPool, bootstrap_counts, group_midranks, per_gt_spearman, percentile_ci,
-                                  weighted_spearman)
+                                  weighted_spearman, linear_replicates, spearman_influence)
 from misalign.errors import InputError
 from misalign.ledger import LedgerWriter, read_candidates, read_ledger, read_raw_counts, validate_ledger
 from misalign.metrics import analyze, compare, compute_metrics, load_ground_truth, metrics_document, summary_table
@@ -313,13 +313,15 @@ def test_hand_worked_counts_and_survival(tmp_path):
     assert np.isnan(props.loc[(1, "cls>0.9"), "survival"])  # 0 / 0
 
 
-def test_pycocotools_and_faster_coco_eval_give_identical_ap(case):
+@pytest.mark.parametrize("engine", ["ultrafast", "hotcoco"])  # the engines misalign keeps beside pycocotools
+def test_every_engine_gives_pycocotools_ap_bit_for_bit(case, engine):
     root, _ = case
-    slow = compute_metrics(root / "a", root / "gt.json", bootstrap=0, ap_backend="pycocotools")["ap"]
-    fast = compute_metrics(root / "a", root / "gt.json", bootstrap=0, ap_backend="faster")["ap"]
-    assert type(load_ground_truth(root / "gt.json", "faster")).__module__.startswith("faster_coco_eval")
-    assert fast == pytest.approx(slow, abs=1e-12)  # identical up to float summation order
-    assert slow["AP"] > 0.05
+    pytest.importorskip(ENGINE_MODULES[engine])
+    slow = compute_metrics(root / "a", root / "gt.json", bootstrap=0, ap_backend="pycocotools")
+    fast = compute_metrics(root / "a", root / "gt.json", bootstrap=0, ap_backend=engine)
+    assert fast["ap"] == slow["ap"]  # ==, every one of the twelve
+    assert fast["ap_engine"]["name"] == ENGINE_NAMES[engine] and slow["ap_engine"]["name"] == "pycocotools"
+    assert slow["ap"]["AP"] > 0.05
 
 
 def test_post_nms_only_ledger(tmp_path):
@@ -376,3 +378,94 @@ def test_ground_truth_must_match_the_ledger(case, tmp_path):
     ledger.meta = {}
     with pytest.raises(InputError, match="names no ground truth"):
         compute_metrics(ledger, bootstrap=0)
+
+
+# --- the linearised bootstrap of large pools -----------------------------------------------------
+
+
+def test_spearman_influence_is_the_derivative_of_the_weighted_spearman():
+    """rho equals scipy's; d rho / d c[i] equals a central difference of the slow reference
+    `weighted_spearman` (a rational function of the weights: the difference is exact to ~eps^2)."""
+    rng = np.random.default_rng(11)
+    n, num_images = 500, 23
+    x1 = np.round(rng.random(n), 2)  # ties
+    x2 = rng.random(n)
+    y = np.round(0.4 * x1 + rng.random(n), 1)  # ties
+    image_pos = rng.integers(0, num_images, n)
+    rho, grad = spearman_influence([x1, x2], y, image_pos, num_images)
+    for k, x in enumerate((x1, x2)):
+        assert rho[k] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+        eps = 1e-5
+        for i in range(num_images):
+            w = np.ones(n)
+            w[image_pos == i] += eps
+            up = weighted_spearman(x, y, w)
+            w[image_pos == i] -= 2 * eps
+            down = weighted_spearman(x, y, w)
+            assert grad[i, k] == pytest.approx((up - down) / (2 * eps), abs=1e-9)
+    assert np.abs(grad).max() > 1e-3  # not trivially zero
+    const_rho, const_grad = spearman_influence([np.ones(n)], y, image_pos, num_images)
+    assert np.isnan(const_rho[0]) and np.isnan(const_grad).all()
+
+
+def test_linear_replicates_track_the_exact_ones():
+    """Same resamples, first-order replicates: on a pool of 400 images they differ from the exact
+    replicates (RankedPool) by a small fraction of the replicates' spread, and the CIs agree."""
+    rng = np.random.default_rng(5)
+    num_images, per_image = 400, 40
+    image_pos = np.repeat(np.arange(num_images), per_image)
+    y = rng.random(len(image_pos)).astype(np.float32).astype(np.float64)
+    x = (0.5 * y + rng.random(len(y)) + 0.2 * rng.random(num_images)[image_pos]).astype(np.float32).astype(np.float64)
+    counts = bootstrap_counts(num_images, 60, seed=2)
+    exact = RankedPool([x], y, image_pos, num_images).replicates(counts)[:, 0]
+    rho, grad = spearman_influence([x], y, image_pos, num_images)
+    linear = linear_replicates(rho, grad, counts)[:, 0]
+    spread = exact.std()
+    assert spread > 1e-3
+    assert np.abs(linear - exact).max() < 0.1 * spread
+    assert np.corrcoef(linear, exact)[0, 1] > 0.99
+    assert percentile_ci(linear) == pytest.approx(percentile_ci(exact), abs=0.15 * spread)
+    assert linear_replicates(rho, grad, np.ones((1, num_images)))[0, 0] == rho[0]  # no reweighting: rho itself
+
+
+def test_analyze_switches_to_linear_replicates_on_large_pools(case, monkeypatch):
+    root, _ = case
+    exact = analyze(root / "a", root / "gt.json", bootstrap=30, seed=1, bootstrap_method="exact")
+    linear = analyze(root / "a", root / "gt.json", bootstrap=30, seed=1, bootstrap_method="linear")
+    assert exact.settings["bootstrap_method"] == ["exact"] and linear.settings["bootstrap_method"] == ["linear"]
+    import misalign.metrics as metrics_module
+
+    assert analyze(root / "a", root / "gt.json", bootstrap=30, seed=1).settings["bootstrap_method"] == ["exact"]
+    monkeypatch.setattr(metrics_module, "EXACT_BOOTSTRAP_BUDGET", 10)  # every pool is "large" now
+    auto = analyze(root / "a", root / "gt.json", bootstrap=30, seed=1)
+    assert auto.settings["bootstrap_method"] == ["linear"]
+    for column, entry in linear.metrics["correlation"].items():
+        assert entry["spearman"] == pytest.approx(exact.metrics["correlation"][column]["spearman"], abs=1e-12)
+        assert auto.metrics["correlation"][column] == entry
+        np.testing.assert_array_equal(linear.replicates[f"divergence:{column}"],
+                                      exact.replicates[f"divergence:{column}"])  # same resamples
+        reps_exact, reps_linear = exact.replicates[f"spearman:{column}"], linear.replicates[f"spearman:{column}"]
+        assert np.corrcoef(reps_exact, reps_linear)[0, 1] > 0.9
+        assert not np.array_equal(reps_exact, reps_linear)
+
+
+def test_binned_histogram_equals_numpy_histogram2d():
+    rng = np.random.default_rng(0)
+    n = 20000
+    score = rng.random(n).astype(np.float32)
+    score[:50], score[50:100], score[100:150] = 1.0, np.nan, 1.7  # top edge, NaN, CL-NMS above 1
+    score[150:250] = (np.arange(100) % 50 / 50).astype(np.float32)  # on bin edges
+    iou = rng.random(n).astype(np.float32)
+    iou[::9], iou[::13] = 1.0, 0.0
+    frame = pd.DataFrame({"score": score, "iou": iou, "kept": rng.random(n) < 0.2})
+    from misalign.counts import score_iou_histogram
+
+    for kept_only in (False, True):
+        rows = frame[frame["kept"]] if kept_only else frame
+        x, y = np.minimum(rows["score"].to_numpy(np.float64), 1.0), rows["iou"].to_numpy(np.float64)
+        edges = np.linspace(0, 1, 51)
+        expected = np.histogram2d(x[np.isfinite(x)], y[np.isfinite(x)], bins=[edges, edges])[0]
+        got, got_edges = score_iou_histogram(frame, "score", kept_only=kept_only)
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(got_edges, edges)
+        assert got.sum() == np.isfinite(rows["score"].to_numpy()).sum()

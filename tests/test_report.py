@@ -24,6 +24,7 @@ from PIL import Image
 from scipy import stats
 
 from cli import main
+from misalign.cocoeval import ENGINE_NAMES
 from reports.synthetic import synthetic_ledger
 
 SIZES = dict(num_images=10, cands_per_image=120, num_categories=4, gt_per_image=4, kept_per_image=15)
@@ -98,7 +99,7 @@ def test_metrics_json_is_compute_metrics_unchanged(ledgers, pair_report):
     conditions = [f"cls>{t:g}" for t in (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)] + [f"iou>{t:g}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)]
     for name, m in metrics["detectors"].items():
         assert set(m) == {"ap", "ap_engine", "counts", "survival", "proportions", "crowd", "correlation"}
-        assert m["ap_engine"]["name"] in ("pycocotools", "faster-coco-eval") and m["ap_engine"]["version"]
+        assert m["ap_engine"]["name"] in ENGINE_NAMES.values() and m["ap_engine"]["version"]
         assert list(m["ap"]) == list(STAT_KEYS)
         assert set(m["counts"]) == {"raw", "anchors", "pre_nms", "post_nms"}
         for stage in ("raw", "pre_nms", "post_nms"):
@@ -123,7 +124,7 @@ def test_headline_numbers_match_pandas_scipy_pycocotools(ledgers, pair_report):
         m = metrics[name]
         cands = pd.read_parquet(ledgers[name] / "candidates.parquet")
         kept = cands[cands["kept"]]
-        # AP: pycocotools itself on the kept rows (the report may use faster-coco-eval: same numbers)
+        # AP: pycocotools itself on the kept rows (the report may use another engine: same numbers)
         dets = np.column_stack([kept["image_id"], kept["x1"].astype(float), kept["y1"].astype(float),
                                 kept["x2"].astype(float) - kept["x1"].astype(float),
                                 kept["y2"].astype(float) - kept["y1"].astype(float),
