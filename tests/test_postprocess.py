@@ -107,7 +107,8 @@ def test_original_code_small_image_only_the_big_level_gets_obj():
     torch.testing.assert_close(cand["obj_score"][cand["level"] == 1], torch.tensor([0.81, 0.01, 0.81]))
 
     # The default rule on the same logits: obj^e·cls^(1−e) everywhere, the top 2 *pairs* per level.
-    default = _pairs(select_candidates(*_original_code_case([3, 2]), [3, 2], PostprocessSettings(topk=2, obj_exponent=0.5)))
+    default_rule = PostprocessSettings(topk=2, obj_exponent=0.5)
+    default = _pairs(select_candidates(*_original_code_case([3, 2]), [3, 2], default_rule))
     assert default == pytest.approx({(1, 0): 0.72, (2, 0): 0.49, (4, 1): 0.45, (4, 0): 0.054}, abs=1e-5)
 
 
