@@ -1,7 +1,8 @@
 """Benchmark: a CPU user's own small dataset must learn with the CPU recipe.
 
 A few dozen 400×300 images, many small objects of one class, unlike the built-in shapes
-(another size, one class, 10-24 objects an image of 11-40 px, unannotated distractors). The
+(another size, one class, 10-24 ellipses an image of 7-40 px with no outline, unannotated
+rectangles and triangles of the same sizes and colours as distractors, a noisy cluttered background). The
 script writes it in COCO's layout, trains `misalign train` on it with the CPU recipe at the
 images' own size (--img-size 300 --max-size 400; the recipe's step floor gives the run its
 length) and prints the val split's AP50 from RUN/eval.json. Target: AP50 >= 0.3.
@@ -25,18 +26,18 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 400, 300
 OBJECTS = (10, 24)  # objects per image, uniform
-OBJECT_SIZE = (16, 40)  # object box side in pixels, log-uniform (COCO small: most below 32)
-DISTRACTORS = (0, 4)  # unannotated squares per image, uniform
+OBJECT_SIZE = (12, 40)  # object box side in pixels, log-uniform (COCO small: most below 32)
+DISTRACTORS = (2, 6)  # unannotated rectangles and triangles per image, uniform
 
 
 def _background(rng: np.random.Generator) -> Image.Image:
     """A smooth colour field with pixel noise and a few thin lines: not a flat canvas."""
     coarse = rng.uniform(60, 190, size=(4, 5, 3)).astype(np.uint8)
     field = np.asarray(Image.fromarray(coarse).resize((WIDTH, HEIGHT), Image.BILINEAR), dtype=np.float64)
-    field += rng.normal(0, 12, size=field.shape)
+    field += rng.normal(0, 20, size=field.shape)
     image = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(2, 6)):
+    for _ in range(rng.integers(4, 11)):
         xy = rng.uniform([0, 0, 0, 0], [WIDTH, HEIGHT, WIDTH, HEIGHT]).tolist()
         draw.line(xy, fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(1, 3)))
     return image
@@ -53,29 +54,33 @@ def _place(rng: np.random.Generator, taken: list, size: float) -> tuple[float, f
 
 
 def _draw_image(rng: np.random.Generator) -> tuple[Image.Image, list[list[float]]]:
-    """One image and its object boxes [x, y, w, h] (ellipses; the squares are distractors)."""
+    """One image and its object boxes [x, y, w, h] (ellipses; rectangles and triangles are distractors)."""
     image = _background(rng)
     draw = ImageDraw.Draw(image)
     taken: list = []
     boxes = []
     for _ in range(rng.integers(OBJECTS[0], OBJECTS[1] + 1)):
         side = float(np.exp(rng.uniform(*np.log(OBJECT_SIZE))))
-        w, h = side * rng.uniform(0.7, 1.0), side * rng.uniform(0.7, 1.0)
+        w, h = side * rng.uniform(0.6, 1.0), side * rng.uniform(0.6, 1.0)
         corner = _place(rng, taken, side)
         if corner is None:
             continue
         x0, y0 = round(corner[0]), round(corner[1])
         x1, y1 = x0 + max(round(w), 4) - 1, y0 + max(round(h), 4) - 1
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        draw.ellipse([x0, y0, x1, y1], fill=colour, outline=(0, 0, 0))
+        draw.ellipse([x0, y0, x1, y1], fill=colour)
         boxes.append([float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)])  # covers x0..x1 inclusive
     for _ in range(rng.integers(DISTRACTORS[0], DISTRACTORS[1] + 1)):
         side = float(np.exp(rng.uniform(*np.log(OBJECT_SIZE))))
         corner = _place(rng, taken, side)
-        if corner is not None:
-            x0, y0 = round(corner[0]), round(corner[1])
-            draw.rectangle([x0, y0, x0 + round(side) - 1, y0 + round(side) - 1],
-                           fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        if corner is None:
+            continue
+        x0, y0, s = round(corner[0]), round(corner[1]), round(side) - 1
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.rectangle([x0, y0, x0 + round(s * rng.uniform(0.6, 1.0)), y0 + s], fill=colour)
+        else:
+            draw.polygon([(x0, y0 + s), (x0 + s, y0 + s), (x0 + s * rng.uniform(0, 1), y0)], fill=colour)
     return image, boxes
 
 
