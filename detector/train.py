@@ -71,9 +71,9 @@ CPU_RECIPE = {
     "max_size": 160,
     "batch_size": 8,
     "epochs": 18,  # AP50 >= 0.6 on shapes val for retinanet and retinanet-conf in < 6 min on 2 cores
-    # Learning from scratch needs optimizer steps, not epochs: shapes' 1000 images / batch 8 × 18
-    # epochs = 2,250 steps learn, a few dozen images × 18 epochs (~100 steps) learn nothing. A
-    # smaller dataset gets more epochs, up to this many steps (shapes itself: exactly 18 epochs).
+    # Learning from scratch takes optimizer steps, not epochs: the recipe was tuned at shapes' 1000
+    # images / batch 8 × 18 epochs = 2,250 steps, and a few dozen images × 18 epochs are only ~100.
+    # A smaller dataset gets more epochs, up to this many steps (shapes itself: exactly 18 epochs).
     "min_steps": 2250,
     "optimizer": "adamw",
     "warmup_iters": 50,
