@@ -29,7 +29,7 @@ _SUPPRESSOR_BLOCK = 2048
 @dataclass(frozen=True)
 class PostprocessSettings:
     score_thresh: float = 0.05  # a pair enters NMS only with score > score_thresh
-    topk: int = 1000  # at most this many pairs per FPN level enter NMS
+    topk: int = 1000  # at most this many pairs per FPN level enter NMS (conf_skip_p7: anchors, all their classes)
     nms_thresh: float = 0.5  # NMS drops a box whose IoU with a better one of its class is > this
     max_det: int = 100  # detections kept per image after NMS
     obj_exponent: float | None = None  # e in obj^e · cls^(1−e); None: rank by cls alone
