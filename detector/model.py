@@ -125,7 +125,7 @@ class ModelConfig:
     obj_gfocal_gamma: float = 2.0  # obj_loss gfocal: γ in |y − p|^γ · BCE(p, y)
     obj_smooth_l1_beta: float = 1.0  # obj_loss smooth_l1: quadratic below beta (MMDetection's default)
     detach_iou_target: bool = True  # no gradient through the IoU target (original code: False)
-    conf_skip_p7: bool = False  # original RetinaNet-Conf code: P7 ranks by cls alone
+    conf_skip_p7: bool = False  # original RetinaNet-Conf code: obj factor only on levels with > topk anchors
     cls_loss: str = "focal"  # classification loss (CLS_LOSSES): focal | dr | quality_focal
     dr_reduction: str = "image"  # cls_loss dr: "image" (paper, mean of per-image losses) | "batch" (public code)
     box_weight_by_cls: bool = False  # box loss of a positive × its detached class probability / mean (harmonized)
@@ -431,8 +431,11 @@ class Detector(nn.Module):
         """The NMS ranking score in words, for reports and ledger metadata."""
         formula = "cls"
         if self.has_objectness:
-            formula = f"obj^{self.cfg.obj_exponent:g} * cls^{1 - self.cfg.obj_exponent:g}"
-            formula += " (P7: cls)" if self.cfg.conf_skip_p7 else ""
+            e = self.cfg.obj_exponent
+            formula = f"obj^{e:g} * cls^{1 - e:g}"
+            if self.cfg.conf_skip_p7:  # postprocess._select_level_original
+                formula += (f" on levels with more than {self.cfg.topk} anchors, cls^{1 - e:g} on the others"
+                            " (original code)")
         if self.cfg.cl_nms:
             formula = f"{formula} (NMS chooses by it + CL-NMS centre closeness, weight {self.cfg.cl_nms_weight:g})"
         return formula

@@ -2,7 +2,8 @@
 
 For one image: per FPN level, every (anchor, class) pair gets a ranking score (the class
 probability, or the joint obj^e · cls^(1−e) score of a branch model); pairs with score >
-`score_thresh` enter, at most `topk` per level; their boxes are decoded and clipped; class-wise NMS
+`score_thresh` enter, at most `topk` per level (`conf_skip_p7`: the original RetinaNet-Conf code's
+rule instead, see `_select_level_original`); their boxes are decoded and clipped; class-wise NMS
 (torchvision's `batched_nms`) picks survivors; the `max_det` best survivors are the detections.
 With CL-balanced NMS (`cl_nms`) NMS chooses its survivors by a second score, the detector's score
 plus the box's closeness to its NMS cluster's weighted centre (`cl_nms_score`); that score only
@@ -30,11 +31,13 @@ _SUPPRESSOR_BLOCK = 2048
 @dataclass(frozen=True)
 class PostprocessSettings:
     score_thresh: float = 0.05  # a pair enters NMS only with score > score_thresh
-    topk: int = 1000  # at most this many pairs per FPN level enter NMS
+    topk: int = 1000  # at most this many pairs per FPN level enter NMS (conf_skip_p7: anchors, all their classes)
     nms_thresh: float = 0.5  # NMS drops a box whose IoU with a better one of its class is > this
     max_det: int = 100  # detections kept per image after NMS
     obj_exponent: float | None = None  # e in obj^e · cls^(1−e); None: rank by cls alone
-    conf_skip_p7: bool = False  # original RetinaNet-Conf code: the last level ranks by cls alone
+    # Original RetinaNet-Conf code (MMDetection v1): a level with more than topk anchors ranks by
+    # obj^e · cls^(1−e) and keeps its top-k anchors (all classes); the others keep every anchor at cls^(1−e).
+    conf_skip_p7: bool = False
     cl_nms: bool = False  # CL-balanced NMS: rank by score + centre-closeness term (`cl_nms_scores`)
     cl_nms_weight: float = 1.0  # β: the closeness term of a box centred exactly on its cluster's centre
     cl_nms_temperature: float = 1.0  # T in the cluster centre's softmax(score / T) weights
@@ -51,6 +54,31 @@ def _select_level(score: Tensor, settings: PostprocessSettings) -> tuple[Tensor,
     flat_idx = torch.nonzero(flat > settings.score_thresh).squeeze(1)
     top_scores, order = flat[flat_idx].topk(min(settings.topk, flat_idx.numel()))
     return flat_idx[order], top_scores
+
+
+def _select_level_original(cls_prob: Tensor, obj_prob: Tensor, settings: PostprocessSettings) -> tuple[Tensor, Tensor]:
+    """`_select_level` as the original RetinaNet-Conf code does it (`conf_skip_p7`).
+
+    Every pair's score is cls^(1−e). Only on a level with more than `topk` anchors are the scores
+    multiplied by obj^e and the level cut to its `topk` anchors with the best max-over-classes score
+    (MMDetection's nms_pre: top-k over anchors, every class of a chosen anchor kept). A smaller level
+    keeps all its anchors and no obj factor: at 600×1000 that is P7, on small images more levels.
+    Then score > score_thresh per pair. Returns (flat indices [K_l] into [A_l, C], scores [K_l]),
+    score-descending.
+    """
+    e = settings.obj_exponent
+    score = cls_prob.pow(1.0 - e)  # [A_l, C]
+    anchors = torch.arange(score.shape[0], device=score.device)  # [A_l]
+    if score.shape[0] > settings.topk:
+        score = obj_prob.unsqueeze(-1).pow(e) * score  # = joint_score, bit for bit
+        anchors = score.max(dim=1).values.topk(settings.topk).indices  # [topk]
+    num_classes = score.shape[1]
+    flat = (anchors.unsqueeze(1) * num_classes + torch.arange(num_classes, device=score.device)).flatten()
+    flat_scores = score.flatten()[flat]
+    passed = flat_scores > settings.score_thresh
+    flat, flat_scores = flat[passed], flat_scores[passed]
+    order = torch.sort(flat_scores, descending=True, stable=True).indices
+    return flat[order], flat_scores[order]
 
 
 def select_candidates(
@@ -75,12 +103,12 @@ def select_candidates(
     for level, num_anchors in enumerate(num_anchors_per_level):
         cls_prob = cls_prob_all[start : start + num_anchors]  # [A_l, C]
         obj_prob = None if obj_prob_all is None else obj_prob_all[start : start + num_anchors]
-        is_last = level == len(num_anchors_per_level) - 1
-        if obj_prob is None or settings.obj_exponent is None or (settings.conf_skip_p7 and is_last):
-            score = cls_prob
+        if obj_prob is None or settings.obj_exponent is None:
+            flat_idx, top_scores = _select_level(cls_prob, settings)
+        elif settings.conf_skip_p7:
+            flat_idx, top_scores = _select_level_original(cls_prob, obj_prob, settings)
         else:
-            score = joint_score(cls_prob, obj_prob, settings.obj_exponent)
-        flat_idx, top_scores = _select_level(score, settings)
+            flat_idx, top_scores = _select_level(joint_score(cls_prob, obj_prob, settings.obj_exponent), settings)
         anchor_idx = torch.div(flat_idx, num_classes, rounding_mode="floor")  # [K_l]
         labels = flat_idx % num_classes
         parts["anchor_idx"].append(anchor_idx + start)

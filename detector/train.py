@@ -5,9 +5,10 @@ lr 0.01 for a batch of 16 (linearly scaled), linear warm-up from 0.001×lr over 
 ×0.1 at 8/12 and 11/12 of the run (the "1x" schedule: epochs 8 and 11 of 12; "2x": 16 and 22 of 24),
 gradient clipping at max-norm 35 (MMDetection's RetinaNet config), images 1000×600.
 
-On a CPU with no size option given (`--backbone`, `--img-size`, `--max-size`), a small recipe is
-used instead (CPU_RECIPE: resnet10, 160 px, narrow GroupNorm heads, AdamW, 18 epochs of batch 8)
-so that the built-in shapes dataset is learnt in minutes on 2 cores.
+On a CPU a small recipe is used instead (CPU_RECIPE: resnet10, 160 px, narrow GroupNorm heads,
+AdamW, 18 epochs of batch 8, at least 2,250 optimizer steps) so that the built-in shapes dataset is
+learnt in minutes on 2 cores. `recipe` ("cpu" | "paper") overrides the choice; options such as the
+image size or the backbone change only themselves, never the recipe.
 
 Run folder (`--out RUN`): `log.csv` (one row per step, appended as training goes),
 `checkpoint.pt` (after each epoch, atomically; DESIGN.md §3.2; `--resume` continues from it with
@@ -47,8 +48,7 @@ LR_STEP_FRACTIONS = (8 / 12, 11 / 12)  # ×0.1 at epochs 8 and 11 of 12 (and 16,
 LR_STEP_GAMMA = 0.1
 WARMUP_MAX_FRACTION = 0.1  # warm-up never takes more than this fraction of a run's iterations
 
-# The paper's setup (MMDetection RetinaNet, 8 GPUs × 2 images); used on GPU, or whenever a size
-# option is given.
+# The paper's setup (MMDetection RetinaNet, 8 GPUs × 2 images); the default on a GPU.
 PAPER_RECIPE = {
     "backbone": "resnet50",
     "img_size": 600,  # shorter side (COCO "1000×600")
@@ -57,6 +57,7 @@ PAPER_RECIPE = {
     "optimizer": "sgd",
     "warmup_iters": 500,
     "workers": 4,
+    "min_steps": 0,  # epochs count, whatever the dataset size (COCO: 12 epochs are ~88k steps)
     "model_options": {},
 }
 # Small CPU recipe: what 2 CPU cores can teach the built-in shapes dataset in a few minutes. Nothing
@@ -70,16 +71,21 @@ CPU_RECIPE = {
     "max_size": 160,
     "batch_size": 8,
     "epochs": 18,  # AP50 >= 0.6 on shapes val for retinanet and retinanet-conf in < 6 min on 2 cores
+    # Learning from scratch takes optimizer steps, not epochs: the recipe was tuned at shapes' 1000
+    # images / batch 8 × 18 epochs = 2,250 steps, and a few dozen images × 18 epochs are only ~100.
+    # A smaller dataset gets more epochs, up to this many steps (shapes itself: exactly 18 epochs).
+    "min_steps": 2250,
     "optimizer": "adamw",
     "warmup_iters": 50,
     "workers": 0,  # 2 cores: decoding 160-px PNGs in the main process beats competing with it
     "model_options": {"fpn_channels": 64, "num_head_convs": 2, "head_norm": "group",
                       "anchor_sizes": [16, 32, 64, 128, 256]},
 }
-SIZE_OPTIONS = ("backbone", "img_size", "max_size")
+SIZE_OPTIONS = ("backbone", "img_size", "max_size")  # options --resume refuses to change (the model's shape)
+RECIPES = ("cpu", "paper")
 # Options a resumed run takes from its checkpoint when left unset (None).
-RESUMED_OPTIONS = ("recipe", "model", "backbone", "img_size", "max_size", "epochs", "batch_size", "optimizer", "lr",
-                   "weight_decay", "warmup_iters", "workers")
+RESUMED_OPTIONS = ("recipe", "model", "backbone", "img_size", "max_size", "epochs", "min_steps", "batch_size",
+                   "optimizer", "lr", "weight_decay", "warmup_iters", "workers")
 OPTIMIZERS = ("sgd", "adamw")
 BASE_LR = {"sgd": 0.01, "adamw": 0.004}  # lr for a batch of 16 images; scaled linearly with the batch
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
@@ -88,7 +94,7 @@ DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 @dataclass
 class TrainConfig:
     # --- recipe ---
-    recipe: str | None = None  # "paper" | "cpu"; None: "cpu" on a CPU when no size option is given, else "paper"
+    recipe: str | None = None  # "cpu" | "paper"; None: "cpu" on a CPU, "paper" on a GPU (sizes never choose it)
     # --- model ---
     model: str | None = None  # retinanet | retinanet-conf | iou-aware; None: retinanet (or the resumed run's)
     backbone: str | None = None  # resnet10/18/34/50/101; None: resnet50 (paper), resnet10 (CPU recipe)
@@ -109,7 +115,8 @@ class TrainConfig:
     # --- optimisation ---
     out: str = "runs/run"  # run folder: log.csv, checkpoint.pt, eval.json
     schedule: str = "1x"  # "1x" or "2x" (twice the recipe's epochs); the lr steps sit at 8/12 and 11/12 of the run
-    epochs: int | None = None  # None: the schedule's (12 or 24; also 12 in the CPU recipe)
+    epochs: int | None = None  # None: the recipe's (12 paper, 18 CPU; ×2 with 2x), raised to reach min_steps
+    min_steps: int | None = None  # floor on the optimizer steps when epochs is None; None: 0 (paper), 2250 (CPU)
     batch_size: int | None = None  # images per optimizer step, over all processes; None: 16 (paper), 8 (CPU)
     optimizer: str | None = None  # "sgd" (paper: momentum SGD) | "adamw"; None: sgd (paper), adamw (CPU recipe)
     lr: float | None = None  # None: 0.01 (SGD) or 0.004 (AdamW) × batch_size / 16 (linear scaling rule)
@@ -149,8 +156,9 @@ def validate_config(config: TrainConfig) -> None:
         (config.img_size is None or config.max_size is None or config.max_size >= config.img_size, "--max-size",
          f"{config.max_size} is smaller than --img-size {config.img_size}"),
         (config.workers is None or config.workers >= 0, "--workers", f"must be 0 or more, got {config.workers}"),
-        (config.recipe in (None, "paper", "cpu"), "recipe",
-         f"unknown recipe {config.recipe!r} (choose from paper, cpu)"),
+        (config.recipe is None or config.recipe in RECIPES, "--recipe",
+         f"unknown recipe {config.recipe!r} (choose from {', '.join(RECIPES)})"),
+        (config.min_steps is None or config.min_steps >= 0, "min_steps", f"must be >= 0, got {config.min_steps}"),
         (config.schedule in SCHEDULES, "--schedule", f"unknown schedule {config.schedule!r} (choose from 1x, 2x)"),
         (config.optimizer is None or config.optimizer in OPTIMIZERS, "--optimizer",
          f"unknown optimizer {config.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"),
@@ -187,18 +195,31 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def choose_recipe(config: TrainConfig, device: torch.device) -> str:
-    """config.recipe if set; else "cpu" (the small CPU recipe) on a CPU with no size option given, else "paper"."""
+    """config.recipe if set; else "cpu" (the small CPU recipe) on a CPU, "paper" on a GPU.
+
+    Image size, backbone and the other options change only themselves: a CPU user with 400-px
+    images who gives --img-size 400 still wants a recipe that learns on a CPU.
+    """
     if config.recipe is not None:
         return config.recipe
-    no_size_option = all(getattr(config, name) is None for name in SIZE_OPTIONS)
-    return "cpu" if device.type == "cpu" and no_size_option else "paper"
+    return "cpu" if device.type == "cpu" else "paper"
+
+
+def _fill_sizes(values: dict, recipe: dict) -> None:
+    """The recipe's image sizes for those not given, widened so that img_size <= max_size still holds
+    (--img-size 400 on the 160-px CPU recipe means 400 max 400, not an error)."""
+    if values["max_size"] is None:
+        values["max_size"] = max(recipe["max_size"], values["img_size"] or 0)
+    if values["img_size"] is None:
+        values["img_size"] = min(recipe["img_size"], values["max_size"])
 
 
 def resolve_defaults(config: TrainConfig, device: torch.device, previous: dict | None = None) -> TrainConfig:
-    """Fill every option left None: from `previous` (a resumed run's options), else from the recipe.
+    """Fill every option left None but `epochs`: from `previous` (a resumed run's options), else from the recipe.
 
-    The recipe is CPU_RECIPE on a CPU when no size option is given, else PAPER_RECIPE. lr follows the
-    linear scaling rule BASE_LR[optimizer] × batch_size / 16 unless given.
+    The recipe is `config.recipe`, else CPU_RECIPE on a CPU and PAPER_RECIPE on a GPU. lr follows the
+    linear scaling rule BASE_LR[optimizer] × batch_size / 16 unless given. `epochs` needs the
+    dataset's size (the recipe's step floor): `resolve_epochs` fills it.
     """
     values = dataclasses.asdict(config)
     if previous is not None:
@@ -207,16 +228,15 @@ def resolve_defaults(config: TrainConfig, device: torch.device, previous: dict |
                 values[name] = previous.get(name)
         values["model_options"] = {**previous.get("model_options", {}), **values["model_options"]}
     values["recipe"] = choose_recipe(TrainConfig(**values), device)
-    recipe = CPU_RECIPE if values["recipe"] == "cpu" else PAPER_RECIPE
+    recipe = recipe_values(values["recipe"])
+    _fill_sizes(values, recipe)
     for name, value in recipe.items():
         if name == "model_options":
             values[name] = {**value, **values[name]}
-        elif values.get(name) is None:
+        elif name != "epochs" and values.get(name) is None:
             values[name] = value
     if values["model"] is None:
         values["model"] = "retinanet"
-    if values["epochs"] is None:  # the recipe's epochs are its 1x schedule; 2x doubles them
-        values["epochs"] = recipe.get("epochs", 12) * SCHEDULES[values["schedule"]] // 12
     if values["lr"] is None:
         values["lr"] = BASE_LR[values["optimizer"]] * values["batch_size"] / 16
     if values["weight_decay"] is None:
@@ -224,6 +244,22 @@ def resolve_defaults(config: TrainConfig, device: torch.device, previous: dict |
     if device.type == "cpu" and values["amp"] != "none":
         raise InputError(f"--amp: {values['amp']} autocast needs a GPU; use --amp none on CPU")
     return TrainConfig(**values)
+
+
+def recipe_values(name: str) -> dict:
+    """CPU_RECIPE or PAPER_RECIPE by name."""
+    return CPU_RECIPE if name == "cpu" else PAPER_RECIPE
+
+
+def resolve_epochs(config: TrainConfig, iters_per_epoch: int) -> TrainConfig:
+    """`config` with `epochs` filled: as given, else the recipe's (1x; 2x doubles it), raised so that
+    the run takes at least `min_steps` optimizer steps (2x: twice as many)."""
+    if config.epochs is not None:  # given, or the resumed run's: a run never changes its length on its own
+        return config
+    length = SCHEDULES[config.schedule]  # 12 (1x) or 24 (2x)
+    epochs = recipe_values(config.recipe).get("epochs", 12) * length // 12
+    floor = -(-config.min_steps * length // (12 * iters_per_epoch))  # ceil, in integers
+    return dataclasses.replace(config, epochs=max(epochs, floor))
 
 
 # --- learning-rate schedule -------------------------------------------------------------------------
@@ -723,10 +759,15 @@ def _resolve_run_config(config: TrainConfig, ctx: DistContext, checkpoint: dict 
     config = resolve_defaults(config, ctx.device, previous)
     if config.batch_size % ctx.world_size:
         raise InputError(f"--batch-size: {config.batch_size} images do not split over {ctx.world_size} processes")
-    if ctx.is_main:
-        logger.info("recipe: %s (%s, %d px max %d, %d epochs, batch %d, %s lr %g)", config.recipe, config.backbone,
-                    config.img_size, config.max_size, config.epochs, config.batch_size, config.optimizer, config.lr)
     return config
+
+
+def _log_recipe(config: TrainConfig, num_images: int, steps_per_epoch: int) -> None:
+    floor = f", at least {config.min_steps} steps" if config.min_steps else ""
+    logger.info("recipe: %s (%s, %d px max %d, batch %d, %s lr %g%s): %d epochs of %d steps (%d images) = %d "
+                "optimizer steps", config.recipe, config.backbone, config.img_size, config.max_size,
+                config.batch_size, config.optimizer, config.lr, floor, config.epochs, steps_per_epoch, num_images,
+                config.epochs * steps_per_epoch)
 
 
 def _restore_rng(checkpoint: dict, ctx: DistContext) -> None:
@@ -757,6 +798,10 @@ def _start_run(config: TrainConfig, ctx: DistContext) -> _Run:
         check_resume_classes(checkpoint, config.resume, dataset_category_ids(config))
         category_ids = list(checkpoint["config"]["category_ids"])
     dataset, _ = load_train_dataset(config, category_ids)
+    steps_per_epoch = iters_per_epoch(len(dataset), config.batch_size, ctx.world_size)
+    config = resolve_epochs(config, steps_per_epoch)
+    if ctx.is_main:
+        _log_recipe(config, len(dataset), steps_per_epoch)
 
     seed_everything(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_training_model(config, len(dataset.category_ids), checkpoint)
@@ -764,7 +809,7 @@ def _start_run(config: TrainConfig, ctx: DistContext) -> _Run:
     model = model.to(ctx.device, memory_format=torch.channels_last).train()
     optimizer = make_optimizer(model, config)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=config.amp == "fp16")
-    schedule = make_schedule(config, iters_per_epoch(len(dataset), config.batch_size, ctx.world_size))
+    schedule = make_schedule(config, steps_per_epoch)
     run = _Run(config, ctx, dataset, model, optimizer, scaler, schedule)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])

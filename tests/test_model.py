@@ -197,21 +197,40 @@ def test_predict_with_candidates_is_the_eval_output_plus_the_ledger(name):
         assert float(res["raw_boxes"][:, 3].max()) <= image.shape[-2] + 1e-4
 
 
-def test_conf_skip_p7_changes_exactly_the_p7_scores():
-    images, _ = _images_and_targets()
-    results = {}
-    for skip in (False, True):
-        torch.manual_seed(0)
-        model = _spread_head(build_model("retinanet-conf", 3, conf_skip_p7=skip, **TINY)).eval()
-        results[skip] = model.predict_with_candidates(images[:1])[0]["candidates"]
-    for skip, cand in results.items():
-        p7 = cand["level"] == 4
-        assert p7.any()
-        expected = cand["cls_score"][p7] if skip else cand["obj_score"][p7] ** 0.4 * cand["cls_score"][p7] ** 0.6
-        torch.testing.assert_close(cand["score"][p7], expected)
-    below = [{k: v[c["level"] < 4] for k, v in c.items() if k in ("anchor_idx", "labels", "score")} for c in results.values()]
-    for key in below[0]:
-        assert torch.equal(torch.sort(below[0][key]).values, torch.sort(below[1][key]).values)
+@pytest.mark.parametrize("size, obj_levels", [(128, [0]), (256, [0, 1])])
+def test_conf_skip_p7_puts_obj_only_on_levels_with_more_than_topk_anchors(size, obj_levels):
+    """Original RetinaNet-Conf code: with top-k 1000 and 9 anchors per cell, a 128-px input has only
+    P3 above 1000 anchors (16²·9 = 2304; P4 8²·9 = 576), a 256-px input P3 and P4 (9216, 2304; P5 576).
+    Those levels rank by obj^0.4·cls^0.6 and keep at most 1000 anchors; the others rank by cls^0.6."""
+    torch.manual_seed(0)
+    options = {**TINY, "img_size": size, "max_size": size}
+    model = _spread_head(build_model("retinanet-conf", 3, conf_skip_p7=True, **options)).eval()
+    assert model.score_formula == ("obj^0.4 * cls^0.6 on levels with more than 1000 anchors, cls^0.6 on the "
+                                   "others (original code)")
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(1))
+    result = model.predict_with_candidates([image])[0]
+    with torch.no_grad():  # the raw per-class probabilities the selection started from
+        _, _, outputs, _, per_level = model._run_network([image])
+    assert [level for level, n in enumerate(per_level) if n > 1000] == obj_levels
+    cls_all, obj_all = torch.sigmoid(outputs["cls_logits"][0]), torch.sigmoid(outputs["obj_logits"][0])
+    cand = result["candidates"]
+    start = 0
+    for level, n in enumerate(per_level):
+        on = cand["level"] == level
+        cls, obj = cand["cls_score"][on], cand["obj_score"][on]
+        expected = obj**0.4 * cls**0.6 if level in obj_levels else cls**0.6
+        torch.testing.assert_close(cand["score"][on], expected)
+        anchors = cand["anchor_idx"][on] - start
+        if level in obj_levels:  # the 1000 anchors with the best max-over-classes joint score
+            best = (obj_all[start:start + n, None] ** 0.4 * cls_all[start:start + n] ** 0.6).max(dim=1).values
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[anchors] = True
+            assert int(chosen.sum()) == 1000 and float(best[chosen].min()) >= float(best[~chosen].max())
+        else:  # every anchor, every pair with cls^0.6 > 0.05
+            pairs = set(zip(anchors.tolist(), cand["labels"][on].tolist()))
+            assert pairs == {tuple(p) for p in torch.nonzero(cls_all[start:start + n] ** 0.6 > 0.05).tolist()}
+            assert len(pairs) > 0
+        start += n
 
 
 @pytest.mark.parametrize("name, tower, other", [("retinanet-conf", "cls_tower", "reg_tower"), ("iou-aware", "reg_tower", "cls_tower")])

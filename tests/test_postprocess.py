@@ -62,20 +62,86 @@ def test_threshold_and_topk_act_on_the_joint_score():
     assert bool((wide["score"] > 0.05).all())
 
 
-def test_conf_skip_p7_changes_only_the_last_level():
-    cls_logits, obj_logits = _two_level_case()
-    joint = select_candidates(cls_logits, obj_logits, [2, 2], PostprocessSettings(topk=10, obj_exponent=0.4))
-    skip = select_candidates(cls_logits, obj_logits, [2, 2], PostprocessSettings(topk=10, obj_exponent=0.4, conf_skip_p7=True))
-    for c in (joint, skip):
-        lvl0 = c["level"] == 0
-        assert c["anchor_idx"][lvl0].tolist() == joint["anchor_idx"][joint["level"] == 0].tolist()
-        torch.testing.assert_close(c["score"][lvl0], joint["score"][joint["level"] == 0])
-    last = skip["level"] == 1
-    # On the last level the score is the class probability: only (a3, c0) with 0.2 passes 0.05.
-    assert skip["anchor_idx"][last].tolist() == [3] and skip["labels"][last].tolist() == [0]
-    torch.testing.assert_close(skip["score"][last], torch.tensor([0.2]))
-    torch.testing.assert_close(skip["score"][last], skip["cls_score"][last])
-    assert joint["anchor_idx"][joint["level"] == 1].tolist() == [3, 2]  # joint: 0.289, 0.117
+def _original_code_case(num_anchors_per_level):
+    """Logits for the original-code rule (conf_skip_p7), e = 0.5 so that every score is a square root.
+
+    Anchors 0-2 (level 0) and 3-5; 2 classes. Scores obj^0.5 · cls^0.5 and cls^0.5 by hand:
+      a0 cls (0.64, 0.36)   obj 0.25: joint (0.4, 0.3)      a3 cls (0.0016, 0.09) obj 0.01: joint (0.004, 0.03)
+      a1 cls (0.81, 0.01)   obj 0.64: joint (0.72, 0.08)        cls^0.5 (0.04, 0.3)
+      a2 cls (0.49, 0.04)   obj 0.49: joint (0.49, 0.14)    a4 cls (0.0036, 0.25) obj 0.81: joint (0.054, 0.45)
+                                                                cls^0.5 (0.06, 0.5)
+                                                            a5 cls (0.09, 0.01)   obj 0.04: joint (0.06, 0.02)
+    """
+    cls = torch.tensor([[0.64, 0.36], [0.81, 0.01], [0.49, 0.04], [0.0016, 0.09], [0.0036, 0.25], [0.09, 0.01]])
+    obj = torch.tensor([0.25, 0.64, 0.49, 0.01, 0.81, 0.04])
+    num = sum(num_anchors_per_level)
+    return cls[:num].logit(), obj[:num].logit()
+
+
+def _pairs(cand):
+    """{(anchor, class): score} of the selected candidates."""
+    return dict(zip(zip(cand["anchor_idx"].tolist(), cand["labels"].tolist()), cand["score"].tolist()))
+
+
+ORIGINAL = PostprocessSettings(topk=2, obj_exponent=0.5, conf_skip_p7=True)
+
+
+def test_original_code_small_image_only_the_big_level_gets_obj():
+    """Levels [3, 2], top-k 2: level 0 (3 > 2 anchors) ranks by obj^e·cls^(1−e) and keeps its 2 best
+    anchors with all their classes; level 1 (2 anchors, not more than top-k) keeps both at cls^(1−e)."""
+    cand = select_candidates(*_original_code_case([3, 2]), [3, 2], ORIGINAL)
+    expected = {
+        # Level 0: anchors by their best class, a1 0.72 > a2 0.49 > a0 0.4: a1 and a2, all their pairs > 0.05.
+        # (a0, c0) 0.4 stays out although it beats (a2, c1) 0.14 and (a1, c1) 0.08: top-k over anchors.
+        (1, 0): 0.72, (2, 0): 0.49, (2, 1): 0.14, (1, 1): 0.08,
+        # Level 1: cls^0.5, no obj factor. (a4, c0) enters with cls 0.0036 (0.06 > 0.05); (a3, c1)
+        # enters with 0.3 although its joint score 0.03 would not; (a3, c0) 0.04 does not.
+        (4, 1): 0.5, (3, 1): 0.3, (4, 0): 0.06,
+    }
+    got = _pairs(cand)
+    assert set(got) == set(expected)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert cand["level"].tolist() == [0, 0, 0, 0, 1, 1, 1]  # levels in order, score-descending within
+    assert cand["score"].tolist() == pytest.approx([0.72, 0.49, 0.14, 0.08, 0.5, 0.3, 0.06], abs=1e-5)
+    torch.testing.assert_close(cand["cls_score"][cand["level"] == 1], torch.tensor([0.25, 0.09, 0.0036]))
+    torch.testing.assert_close(cand["obj_score"][cand["level"] == 1], torch.tensor([0.81, 0.01, 0.81]))
+
+    # The default rule on the same logits: obj^e·cls^(1−e) everywhere, the top 2 *pairs* per level.
+    default_rule = PostprocessSettings(topk=2, obj_exponent=0.5)
+    default = _pairs(select_candidates(*_original_code_case([3, 2]), [3, 2], default_rule))
+    assert default == pytest.approx({(1, 0): 0.72, (2, 0): 0.49, (4, 1): 0.45, (4, 0): 0.054}, abs=1e-5)
+
+
+def test_original_code_big_image_every_big_level_gets_obj():
+    """Levels [3, 3], top-k 2 (a larger image: both levels have more anchors than top-k): both rank by
+    obj^e·cls^(1−e) and keep their 2 best anchors."""
+    cand = select_candidates(*_original_code_case([3, 3]), [3, 3], ORIGINAL)
+    expected = {
+        (1, 0): 0.72, (2, 0): 0.49, (2, 1): 0.14, (1, 1): 0.08,  # level 0 as on the small image
+        # Level 1: best classes a4 0.45 > a5 0.06 > a3 0.03: a4 and a5; (a5, c1) 0.02 is below 0.05.
+        # Top-2 pairs would take (a4, c1) 0.45 and (a5, c0) 0.06 and drop (a4, c0) 0.054.
+        (4, 1): 0.45, (5, 0): 0.06, (4, 0): 0.054,
+    }
+    got = _pairs(cand)
+    assert set(got) == set(expected)
+    assert got == pytest.approx(expected, abs=1e-5)
+    last = cand["level"] == 1
+    torch.testing.assert_close(cand["score"][last], cand["obj_score"][last].sqrt() * cand["cls_score"][last].sqrt())
+
+
+def test_original_code_with_top_k_above_every_level_is_cls_alone():
+    """Top-k larger than every level (a tiny image): no level gets the obj factor, every pair ranks by
+    cls^(1−e), and a level keeps every anchor."""
+    settings = PostprocessSettings(topk=3, obj_exponent=0.4, conf_skip_p7=True)
+    cls_logits, obj_logits = _original_code_case([3, 3])
+    cand = select_candidates(cls_logits, obj_logits, [3, 3], settings)
+    cls = torch.sigmoid(cls_logits)
+    expected = {(a, c): float(cls[a, c]) ** 0.6 for a in range(6) for c in range(2) if float(cls[a, c]) ** 0.6 > 0.05}
+    assert _pairs(cand) == pytest.approx(expected, abs=1e-6)
+    # By hand: of the 12 pairs only (a3, c0) 0.0016^0.6 = 0.021 and (a4, c0) 0.0036^0.6 = 0.034 miss
+    # 0.05; cls 0.01 enters at 0.01^0.6 = 0.063.
+    assert len(expected) == 10 and (1, 1) in expected and (3, 0) not in expected and (4, 0) not in expected
+    torch.testing.assert_close(cand["score"], cand["cls_score"].pow(0.6))
 
 
 def test_no_branch_ranks_by_cls_and_obj_is_nan():

@@ -8,7 +8,9 @@ a resnet10 backbone with 16 FPN channels and one conv per tower; 1-2 epochs of 3
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -33,6 +35,7 @@ from detector.train import (
     lr_at,
     lr_milestones,
     resolve_defaults,
+    resolve_epochs,
     train,
 )
 from misalign.cocoeval import STAT_KEYS
@@ -40,13 +43,15 @@ from misalign.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"fpn_channels": 16, "num_head_convs": 1}
-TINY_CLI = ["--backbone", "resnet10", "--img-size", "64", "--max-size", "64", "--batch-size", "4", "--workers", "0",
-            "-o", "fpn_channels=16", "-o", "num_head_convs=1"]
+# The paper recipe's optimizer and plain heads (the CPU recipe's GroupNorm needs more than 16 channels
+# on 64-px images), at a tiny size.
+TINY_CLI = ["--recipe", "paper", "--backbone", "resnet10", "--img-size", "64", "--max-size", "64", "--batch-size", "4",
+            "--workers", "0", "-o", "fpn_channels=16", "-o", "num_head_convs=1"]
 
 
 def tiny_config(data, out, **overrides) -> TrainConfig:
-    options = dict(model="retinanet", data=str(data), out=str(out), backbone="resnet10", img_size=64, max_size=64,
-                   batch_size=4, epochs=1, workers=0, device="cpu", model_options=dict(TINY_MODEL), seed=0)
+    options = dict(recipe="paper", model="retinanet", data=str(data), out=str(out), backbone="resnet10", img_size=64,
+                   max_size=64, batch_size=4, epochs=1, workers=0, device="cpu", model_options=dict(TINY_MODEL), seed=0)
     return TrainConfig(**{**options, **overrides})
 
 
@@ -100,31 +105,59 @@ def test_warmup_is_capped_for_short_runs():
 # --- defaults ---------------------------------------------------------------------------------------
 
 
-def test_cpu_recipe_without_size_options():
+def test_cpu_recipe_on_a_cpu():
     config = resolve_defaults(TrainConfig(data="d"), torch.device("cpu"))
     for name, value in CPU_RECIPE.items():
         if name == "model_options":
             assert config.model_options == value
-        else:
+        elif name != "epochs":  # resolve_epochs: needs the dataset's size
             assert getattr(config, name) == value, name
     assert config.optimizer == "adamw" and config.weight_decay == 0.05
     assert config.lr == pytest.approx(0.004 * CPU_RECIPE["batch_size"] / 16)
-    assert config.recipe == "cpu"
+    assert config.recipe == "cpu" and config.epochs is None and config.min_steps == 2250
 
 
-def test_paper_recipe_when_a_size_option_is_given_or_on_gpu():
-    config = resolve_defaults(TrainConfig(data="d", img_size=800), torch.device("cpu"))
+def test_a_size_option_changes_the_size_only_and_recipe_chooses():
+    # --img-size 400 on a CPU: still the CPU recipe, at 400 px (max 400: the recipe's 160 widened).
+    config = resolve_defaults(TrainConfig(data="d", img_size=400), torch.device("cpu"))
+    assert (config.recipe, config.backbone, config.img_size, config.max_size) == ("cpu", "resnet10", 400, 400)
+    assert (config.batch_size, config.optimizer, config.min_steps) == (8, "adamw", 2250)
+    # --backbone is an option like any other: it does not pick the recipe either.
+    config = resolve_defaults(TrainConfig(data="d", backbone="resnet50", max_size=120), torch.device("cpu"))
+    assert (config.recipe, config.backbone, config.img_size, config.max_size) == ("cpu", "resnet50", 120, 120)
+    # --recipe paper on a CPU: the paper's setup, with the size given.
+    config = resolve_defaults(TrainConfig(data="d", img_size=800, recipe="paper"), torch.device("cpu"))
     assert (config.backbone, config.img_size, config.max_size) == ("resnet50", 800, PAPER_RECIPE["max_size"])
-    assert (config.epochs, config.batch_size, config.lr, config.warmup_iters) == (12, 16, 0.01, 500)
+    assert (config.batch_size, config.lr, config.warmup_iters, config.min_steps) == (16, 0.01, 500, 0)
     assert (config.optimizer, config.weight_decay, config.recipe) == ("sgd", 1e-4, "paper")
+    assert resolve_epochs(config, 100).epochs == 12
+    # On a GPU the paper's, unless --recipe cpu.
     gpu = resolve_defaults(TrainConfig(data="d", schedule="2x", batch_size=8), torch.device("cuda"))
-    assert (gpu.backbone, gpu.img_size, gpu.max_size, gpu.epochs) == ("resnet50", 600, 1000, 24)
+    assert (gpu.recipe, gpu.backbone, gpu.img_size, gpu.max_size) == ("paper", "resnet50", 600, 1000)
+    assert resolve_epochs(gpu, 7).epochs == 24
     assert gpu.lr == pytest.approx(0.005)  # linear scaling rule
     assert gpu.workers == PAPER_RECIPE["workers"]
+    assert resolve_defaults(TrainConfig(data="d", recipe="cpu"), torch.device("cuda")).backbone == "resnet10"
+
+
+def test_cpu_recipe_step_floor():
+    config = resolve_defaults(TrainConfig(data="d"), torch.device("cpu"))
+    # Shapes (1000 images, batch 8: 125 steps an epoch) is exactly as before: 18 epochs, 2,250 steps.
+    assert resolve_epochs(config, 125).epochs == 18
+    assert resolve_epochs(dataclasses.replace(config, schedule="2x"), 125).epochs == 36
+    # A bigger dataset: the recipe's 18 epochs (more steps than the floor).
+    assert resolve_epochs(config, 400).epochs == 18
+    # 40 images (5 steps an epoch): 450 epochs = 2,250 steps; 2x doubles the floor too.
+    assert resolve_epochs(config, 5).epochs == 450
+    assert resolve_epochs(dataclasses.replace(config, schedule="2x"), 5).epochs == 900
+    assert resolve_epochs(config, 7).epochs == 322  # ceil(2250 / 7): at least 2,250 steps
+    # An explicit --epochs (or a resumed run's) wins over the floor.
+    assert resolve_epochs(dataclasses.replace(config, epochs=3), 5).epochs == 3
 
 
 def test_resumed_options_fill_the_unset_ones():
-    previous = {"backbone": "resnet34", "img_size": 320, "max_size": 480, "epochs": 5, "batch_size": 4, "lr": 0.3,
+    previous = {"recipe": "paper", "backbone": "resnet34", "img_size": 320, "max_size": 480, "epochs": 5, "batch_size": 4,
+                "lr": 0.3,
                 "warmup_iters": 7, "workers": 1, "model_options": {"num_head_convs": 2}}
     config = resolve_defaults(TrainConfig(data="d", epochs=8, model_options={"fpn_channels": 32}),
                               torch.device("cpu"), previous)
@@ -132,12 +165,108 @@ def test_resumed_options_fill_the_unset_ones():
                                                                                               4, 0.3)
     assert config.epochs == 8  # given: extends the run
     assert config.model_options == {"num_head_convs": 2, "fpn_channels": 32}
+    # Not given: the resumed run's length, never re-raised by the CPU recipe's step floor.
+    resumed = resolve_defaults(TrainConfig(data="d"), torch.device("cpu"), previous)
+    assert resolve_epochs(resumed, 1).epochs == 5
 
 
 def test_epoch_generator_depends_on_seed_epoch_rank_only():
     draw = lambda *key: torch.randint(0, 10**9, (4,), generator=epoch_generator(*key)).tolist()  # noqa: E731
     assert draw(0, 3, 0) == draw(0, 3, 0)
     assert len({tuple(draw(*key)) for key in [(0, 3, 0), (0, 4, 0), (1, 3, 0), (0, 3, 1)]}) == 4
+
+
+# --- a small dataset unlike shapes ------------------------------------------------------------------
+
+
+def write_small_objects_dataset(root: Path, num_train: int = 8, num_val: int = 2) -> Path:
+    """A CPU user's own data: 400×300 images, 15 small discs (12-30 px) each, one class, COCO layout."""
+    from PIL import Image, ImageDraw
+
+    from tests.conftest import write_coco
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", num_train), ("val", num_val)):
+        images, annotations, pixels = [], [], {}
+        for image_id in range(1, count + 1):
+            image = Image.new("RGB", (400, 300), (90, 110, 100))
+            draw = ImageDraw.Draw(image)
+            for k in range(15):  # one disc per 80×100 cell: no overlaps
+                side = int(rng.integers(12, 31))
+                x = 80 * (k % 5) + int(rng.integers(0, 80 - side))
+                y = 100 * (k // 5) + int(rng.integers(0, 100 - side))
+                draw.ellipse([x, y, x + side - 1, y + side - 1], fill=(230, 200, 40))
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1,
+                                    "bbox": [x, y, side, side], "area": side * side, "iscrowd": 0})
+            images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 400, "height": 300})
+            pixels[image_id] = np.asarray(image)
+        write_coco(root, images, annotations, [{"id": 1, "name": "disc"}], split=split, pixels=pixels)
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_objects_dataset(tmp_path_factory) -> Path:
+    return write_small_objects_dataset(tmp_path_factory.mktemp("small") / "data")
+
+
+def _resolved_run(monkeypatch, args):
+    """Run `misalign train ARGS` up to its first step: (exit code, the resolved run). No training."""
+    seen = {}
+    monkeypatch.setattr(train_module, "_train_epochs", lambda run: seen.setdefault("run", run))
+    monkeypatch.setattr(train_module, "_evaluate_run", lambda run: None)
+    code, error = run_cli(["train", *args])
+    assert code == 0, error
+    return seen["run"]
+
+
+def test_small_dataset_gets_the_cpu_recipe_and_its_step_floor(small_objects_dataset, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="detector.train")
+    # --img-size / --max-size on a CPU: the CPU recipe at the dataset's own size.
+    run = _resolved_run(monkeypatch, ["--data", str(small_objects_dataset), "--out", str(tmp_path / "run"),
+                                      "--device", "cpu", "--img-size", "300", "--max-size", "400"])
+    config = run.config
+    assert (config.recipe, config.backbone, config.img_size, config.max_size) == ("cpu", "resnet10", 300, 400)
+    # 8 images, batch 8: 1 step an epoch; the recipe's 18 epochs would be 18 steps: the floor makes it 2,250.
+    assert (config.batch_size, config.epochs) == (8, 2250)
+    assert run.schedule["milestones"] == [1500, 2062]  # 8/12 and 11/12 of the run, as for any run
+    assert run.schedule["warmup_iters"] == 50
+    assert "recipe: cpu" in caplog.text and "2250 epochs of 1 steps (8 images) = 2250 optimizer steps" in caplog.text
+    assert _unwrap_model(run).cfg.img_size == 300
+    # An explicit --epochs wins over the floor.
+    run = _resolved_run(monkeypatch, ["--data", str(small_objects_dataset), "--out", str(tmp_path / "short"),
+                                      "--device", "cpu", "--img-size", "300", "--max-size", "400", "--epochs", "3"])
+    assert (run.config.recipe, run.config.epochs, run.schedule["milestones"]) == ("cpu", 3, [2, 3])
+
+
+def test_small_dataset_with_recipe_paper(small_objects_dataset, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="detector.train")
+    run = _resolved_run(monkeypatch, ["--data", str(small_objects_dataset), "--out", str(tmp_path / "run"),
+                                      "--device", "cpu", "--recipe", "paper", "--img-size", "300", "--max-size", "400"])
+    config = run.config
+    assert (config.recipe, config.backbone, config.optimizer, config.batch_size) == ("paper", "resnet50", "sgd", 16)
+    assert (config.img_size, config.max_size, config.min_steps, config.epochs) == (300, 400, 0, 12)  # epochs count
+    assert "recipe: paper" in caplog.text and "12 epochs of 1 steps (8 images) = 12 optimizer steps" in caplog.text
+
+
+def test_small_dataset_trains_a_step_with_the_cpu_recipe(small_objects_dataset, tmp_path):
+    out = tmp_path / "run"
+    code, error = run_cli(["train", "--data", str(small_objects_dataset), "--out", str(out), "--device", "cpu",
+                           "--img-size", "300", "--max-size", "400", "--epochs", "1"])
+    assert code == 0, error
+    assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1]
+    training = load_checkpoint(out / "checkpoint.pt")["config"]["training"]
+    assert (training["recipe"], training["epochs"], training["min_steps"]) == ("cpu", 1, 2250)
+    assert (training["img_size"], training["max_size"]) == (300, 400)
+    assert list(json.loads((out / "eval.json").read_text())) == list(STAT_KEYS)
+
+
+def test_unknown_recipe_is_one_line(shapes_dataset, tmp_path):
+    code, output = run_cli(["train", "--data", str(shapes_dataset), "--out", str(tmp_path / "run"), "--recipe", "gpu"])
+    assert code == 2 and output == "error: --recipe: unknown recipe 'gpu' (choose from cpu, paper)"
+
+
+def _unwrap_model(run):
+    return run.model.module if hasattr(run.model, "module") else run.model
 
 
 # --- bad input: one line, exit 2 ----------------------------------------------------------------------
