@@ -84,7 +84,7 @@ def data_check(data_dir, split, ann, images) -> None:
 # --- train ------------------------------------------------------------------------------------
 
 
-def _parse_model_options(pairs: tuple[str, ...]) -> dict:
+def _parse_model_options(pairs: tuple[str, ...], option: str = "--model-option") -> dict:
     """("num_convs=2", "norm=group") -> {"num_convs": 2, "norm": "group"} (values read as JSON if they can be)."""
     import json
 
@@ -92,7 +92,7 @@ def _parse_model_options(pairs: tuple[str, ...]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise InputError(f"--model-option: expected KEY=VALUE, got {pair!r}")
+            raise InputError(f"{option}: expected KEY=VALUE, got {pair!r}")
         try:
             options[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -223,6 +223,41 @@ def import_(gt, predictions, out, name, nms_thresh, max_det) -> None:
     from misalign.importer import import_predictions
 
     click.echo(import_predictions(gt, predictions, out, name=name, nms_thresh=nms_thresh, max_det=max_det))
+
+# --- capture -----------------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def capture() -> None:
+    """Write a pre-NMS ledger from another framework's detection model (docs/capture.md)."""
+
+
+@capture.command("torchvision", context_settings={"max_content_width": 100})
+@click.option("--model", required=True, help="torchvision detection builder, e.g. retinanet_resnet50_fpn_v2, "
+              "fcos_resnet50_fpn, ssd300_vgg16, ssdlite320_mobilenet_v3_large, fasterrcnn_resnet50_fpn.")
+@click.option("--weights", type=click.Path(), help="State-dict file for that builder's model [random weights].")
+@click.option("--num-classes", type=int, help="The builder's num_classes [its default: 91].")
+@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="A builder keyword argument (JSON value), e.g. -o score_thresh=0.001 -o detections_per_img=100.")
+@click.option("--label-map", type=click.Path(), help="JSON {label: category id} [labels are category ids].")
+@click.option("--data", type=click.Path(), help="Dataset folder in COCO layout.")
+@click.option("--split", default="val", show_default=True, help="Split: annotations/instances_SPLIT.json and SPLIT/.")
+@click.option("--ann", type=click.Path(), help="Annotation file (instead of --data/--split).")
+@click.option("--images", type=click.Path(), help="Image folder (instead of --data/--split).")
+@click.option("--out", required=True, type=click.Path(), help="Dump folder to write (replaced when complete).")
+@click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--limit", type=int, help="Capture only the first N images (by id).")
+def capture_torchvision(model, weights, num_classes, options, label_map, data, split, ann, images, out, batch_size,
+                        device, limit) -> None:
+    """Capture a torchvision detector: the candidates its postprocess considered, what its NMS kept."""
+    from detector.capture.torchvision import CaptureConfig, capture
+
+    config = CaptureConfig(model=model, out=out, data=data, split=split, ann=ann, images=images, weights=weights,
+                           num_classes=num_classes, options=_parse_model_options(options, "--option"),
+                           label_map=label_map, batch_size=batch_size, device=device, limit=limit)
+    click.echo(capture(config))
+
 
 # --- report / demo ----------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Adapters from other frameworks' detection models to misalign.LedgerRecorder (docs/capture.md)."""
