@@ -157,7 +157,7 @@ class LedgerRecorder:
             raise InputError(f"{where}: inverted box (x2 < x1 or y2 < y1)")
         if num and (labels.dtype.kind not in "iu" or not np.isin(labels, self._known_categories).all()):
             bad = labels[~np.isin(labels, self._known_categories)] if labels.dtype.kind in "iu" else labels[:1]
-            raise InputError(f"{where}: label {bad[0]!r} is not a category id of the ground truth (map labels to "
+            raise InputError(f"{where}: label {bad[0].item()!r} is not a category id of the ground truth (map labels to "
                              "category ids, e.g. with --label-map)")
         frame = pd.DataFrame({"image_id": np.full(num, image_id, np.int64), "category_id": labels.astype(np.int64),
                               "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],

@@ -76,11 +76,18 @@ def build_model(config: CaptureConfig) -> torch.nn.Module:
             raise InputError(f"{path}: weights file not found")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises pickle's, zipfile's and its own errors for a bad file
+            raise InputError(f"{path}: not a PyTorch state-dict file ({_first_line(err)})") from None
+        try:
             model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        except (RuntimeError, KeyError, ValueError, AttributeError, OSError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"{path}: does not fit {config.model} ({first})") from None
+        except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as err:
+            raise InputError(f"{path}: does not fit {config.model} ({_first_line(err)})") from None
     return model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _final_head(model):
