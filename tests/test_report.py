@@ -269,7 +269,7 @@ def test_no_obj_and_post_nms_only_dumps_degrade_gracefully(ledgers, tmp_path):
 
 def test_ten_detectors_share_one_palette_and_stay_in_rows():
     from reports.figures import detector_palette
-    from reports.html import coco_frame
+    from misalign.compare import coco_frame
 
     names = [f"det{i}" for i in range(10)]
     palette = detector_palette(names)
@@ -439,7 +439,7 @@ def test_synthetic_ledger_is_deterministic(tmp_path):
 
 
 def test_images_shown_one_by_one_are_the_first_with_ground_truth():
-    from reports.build import images_to_show
+    from misalign.compare import images_to_show
 
     images = pd.DataFrame({"image_id": [10, 11, 12, 13, 14], "num_gt": [0, 3, 0, 1, 2]})
     assert images_to_show(images, 2).tolist() == [11, 13]  # skips the empty images 10 and 12
