@@ -22,12 +22,12 @@ Truth columns (iou, gt_id, iou_any, crowd) come from the ground truth (misalign.
 images.parquet lists every image of the ground truth with num_anchors and num_pos_anchors -1
 (unknown); raw_counts.parquet is empty. The ledger is written atomically.
 
-torch is needed only for the NMS of a table without `kept` (imported lazily there); everything else
-runs without it. Bad input raises InputError naming the file and the first offending row (rows
+torch is needed only for the NMS of a table without `kept` (misalign.nms, imported there); everything
+else runs without it. Bad input raises InputError naming the file and the first offending row (rows
 counted from 0, as `results[i]` / `df.iloc[i]`).
 
 Public API: import_predictions(gt_path, predictions_path, out, *, name=None, nms_thresh=0.5, max_det=100) -> Path;
-read_predictions(path, gt) -> (DataFrame, format); nms_with_attribution(boxes, scores, categories, nms_thresh, max_det).
+read_predictions(path, gt) -> (DataFrame, format). The NMS with attribution is misalign.nms.nms_with_attribution.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from misalign.boxes import box_iou
+from misalign.boxes import nms_suppressors
 from misalign.coco import annotation_arrays, load_coco_json
 from misalign.errors import InputError
 from misalign.io import atomic_dir
@@ -209,64 +209,6 @@ def _show(value: float) -> str:
     return str(int(value)) if np.isfinite(value) and value == np.round(value) else repr(value)
 
 
-# --- NMS -----------------------------------------------------------------------------------------
-
-
-def _suppressors(boxes, categories, survivor: np.ndarray, nms_thresh: float) -> np.ndarray:
-    """[N] suppressor of each non-survivor: the first survivor (in rank order) of the same category,
-    ranked before it, with IoU > nms_thresh; -1 for survivors and where there is none.
-
-    Rows ordered by rank (score descending); boxes [N, 4] xyxy float64; survivor [N] bool.
-    """
-    result = np.full(len(boxes), -1, np.int64)
-    for category in np.unique(categories[~survivor]):
-        rows = np.flatnonzero(categories == category)  # rank order
-        lost, won = rows[~survivor[rows]], rows[survivor[rows]]
-        if not len(won):
-            continue
-        valid = (box_iou(boxes[lost], boxes[won]) > nms_thresh) & (won[None, :] < lost[:, None])  # [L, W]
-        first = valid.argmax(axis=1)  # survivors are in rank order: the first True is the best
-        result[lost] = np.where(valid.any(axis=1), won[first], -1)
-    return result
-
-
-def nms_with_attribution(boxes, scores, categories, nms_thresh: float = 0.5, max_det: int = 100):
-    """Greedy per-class NMS of one image and who suppressed whom.
-
-    boxes [N, 4] xyxy (float64 used throughout, so the NMS and the attribution see the same IoU),
-    scores [N], categories [N], rows ranked by score descending with ties in row order (the caller
-    sorts; this is torchvision's stable order). Returns kept [N] bool (NMS survivors among the best
-    `max_det` survivors) and suppressed_by [N] int64: the row of the highest-ranked survivor of the
-    same class with IoU > nms_thresh; -1 for every survivor (kept or cut by max_det).
-    NMS is torchvision.ops.nms called per class (torch imported here, lazily): the same greedy
-    algorithm as batched_nms, without its coordinate-offset trick, whose shifted float values could
-    make the attribution's IoU disagree with the NMS's right at the threshold.
-    """
-    import torch
-    from torchvision.ops import nms
-
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, dtype=np.float64)
-    categories = np.asarray(categories)
-    num = len(scores)
-    survivor = np.zeros(num, bool)
-    for category in np.unique(categories):
-        rows = np.flatnonzero(categories == category)
-        if len(rows) == 1:
-            survivor[rows] = True
-            continue
-        keep = nms(torch.from_numpy(boxes[rows]), torch.from_numpy(scores[rows]), float(nms_thresh))
-        survivor[rows[keep.numpy()]] = True
-    survivors = np.flatnonzero(survivor)  # rank order
-    kept = np.zeros(num, bool)
-    kept[survivors[:max_det]] = True
-    suppressed_by = _suppressors(boxes, categories, survivor, nms_thresh)
-    missing = ~survivor & (suppressed_by < 0)
-    if np.any(missing):  # cannot happen with a stable sort; keep the contract if it does
-        log.warning("%d suppressed boxes without a suppressor found; recorded as -1", int(missing.sum()))
-    return kept, suppressed_by
-
-
 # --- the import ----------------------------------------------------------------------------------
 
 
@@ -309,14 +251,17 @@ def _ledger_columns(preds: pd.DataFrame, fmt: str, gt_by_image: dict, nms_thresh
     starts = np.r_[0, np.flatnonzero(image_ids[1:] != image_ids[:-1]) + 1] if num else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], num]
     given_kept = preds["kept"].to_numpy() if "kept" in preds.columns else None
+    if fmt == "table" and given_kept is None:
+        from misalign import nms  # torch: only this NMS needs it
+
     for s, e in zip(starts, ends):
         b, c = boxes[s:e], categories[s:e]
         if fmt == "table" and given_kept is None:
-            kept[s:e], local_sup[s:e] = nms_with_attribution(b, scores[s:e], c, nms_thresh, max_det)
+            kept[s:e], local_sup[s:e] = nms.nms_with_attribution(b, scores[s:e], c, nms_thresh, max_det)
         elif given_kept is not None:
             kept[s:e] = given_kept[s:e]
             # a kept box scored at least as high: rows are ranked, so "ranked before" (ties: row order)
-            local_sup[s:e] = _suppressors(b, c, kept[s:e], nms_thresh)
+            local_sup[s:e] = nms_suppressors(b, c, kept[s:e], nms_thresh)
         gt = gt_by_image.get(int(image_ids[s]))
         if gt is not None:
             for name, values in truth_columns(b, c, *gt).items():

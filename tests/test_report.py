@@ -2,7 +2,7 @@
 with metrics.json, a few headline numbers match plain pandas / scipy / pycocotools, the page holds
 every section with decodable embedded figures, it degrades gracefully, and bad input is one line.
 
-The ledgers are synthetic (reports.synthetic, written through misalign.ledger.LedgerWriter), plus
+The ledgers are synthetic (misalign.synthetic, written through misalign.ledger.LedgerWriter), plus
 one made by `misalign import` from COCO results (post-NMS only).
 """
 
@@ -25,7 +25,7 @@ from scipy import stats
 
 from cli import main
 from misalign.cocoeval import ENGINE_NAMES
-from reports.synthetic import synthetic_ledger
+from misalign.synthetic import synthetic_ledger
 
 SIZES = dict(num_images=10, cands_per_image=120, num_categories=4, gt_per_image=4, kept_per_image=15)
 REPORT_ARGS = ["--images", "2", "--bootstrap", "30", "--seed", "3"]
