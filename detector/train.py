@@ -35,11 +35,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from detector.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from detector.checkpoint import (capture_rng_state, load_checkpoint, model_from_checkpoint, restore_rng_state,
+                                 save_checkpoint)
+from detector.device import autocast, resolve_device
 from misalign.errors import InputError
 from misalign.io import atomic_path, write_json_atomic
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 AMP_CHOICES = ("none", "bf16", "fp16")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -183,15 +185,6 @@ def validate_config(config: TrainConfig) -> None:
     for ok, option, problem in checks:
         if not ok:
             raise InputError(f"{option}: {problem}")
-
-
-def resolve_device(choice: str) -> torch.device:
-    """auto -> cuda when a GPU is visible, else cpu. InputError for cuda without a GPU."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device: cuda asked for but no GPU is visible (torch.cuda.is_available() is False)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def choose_recipe(config: TrainConfig, device: torch.device) -> str:
@@ -432,12 +425,10 @@ def load_val_dataset(config: TrainConfig, category_ids: list[int]):
 
 def build_training_model(config: TrainConfig, num_classes: int, checkpoint: dict | None):
     """A new model from the options, or the resumed run's model rebuilt from its checkpoint config."""
-    from detector.model import build_model, model_from_config
+    from detector.model import build_model
 
     if checkpoint is not None:
-        model = model_from_config(checkpoint["config"])
-        model.load_state_dict(checkpoint["model"])
-        return model
+        return model_from_checkpoint(checkpoint).train()
     return build_model(
         config.model,
         num_classes,
@@ -492,11 +483,6 @@ class TrainingDivergedError(InputError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def _to_device(images, targets, device):
     images = [image.to(device, non_blocking=True) for image in images]
     targets = [
@@ -528,7 +514,7 @@ def train_step(model, optimizer, scaler, images, targets, config: TrainConfig, c
     """Forward, NaN check, backward, clip, SGD step. Returns the loss terms and `loss` (their sum),
     averaged over processes. Raises TrainingDivergedError before touching the weights if the loss
     (or, without fp16 loss scaling, the gradient norm) is not finite."""
-    with _autocast(config, ctx.device):
+    with autocast(ctx.device, config.amp):
         losses = model(images, targets)
     loss = sum(losses.values())
     terms = _reduce_losses({**losses, "loss": loss}, ctx)
@@ -624,9 +610,8 @@ def predict_detections(model, dataset, *, indices=None, batch_size: int = 8, dev
     was_training = model.training
     model.eval()
     rows = []
-    autocast_config = TrainConfig(amp=amp)
     for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        with _autocast(autocast_config, device):
+        with autocast(device, amp):
             outputs = model([image.to(device) for image in images])
         for output, target in zip(outputs, targets):
             boxes = output["boxes"].float().cpu().numpy() / float(target["scale"])  # [K, 4] xyxy, original pixels
@@ -764,7 +749,7 @@ def _resolve_run_config(config: TrainConfig, ctx: DistContext, checkpoint: dict 
 
 def _log_recipe(config: TrainConfig, num_images: int, steps_per_epoch: int) -> None:
     floor = f", at least {config.min_steps} steps" if config.min_steps else ""
-    logger.info("recipe: %s (%s, %d px max %d, batch %d, %s lr %g%s): %d epochs of %d steps (%d images) = %d "
+    log.info("recipe: %s (%s, %d px max %d, batch %d, %s lr %g%s): %d epochs of %d steps (%d images) = %d "
                 "optimizer steps", config.recipe, config.backbone, config.img_size, config.max_size,
                 config.batch_size, config.optimizer, config.lr, floor, config.epochs, steps_per_epoch, num_images,
                 config.epochs * steps_per_epoch)
@@ -775,7 +760,7 @@ def _restore_rng(checkpoint: dict, ctx: DistContext) -> None:
     if len(rng_states) == ctx.world_size:
         restore_rng_state(rng_states[ctx.rank])
     elif rng_states:
-        logger.warning("checkpoint has RNG states of %d processes, this run has %d: data augmentation "
+        log.warning("checkpoint has RNG states of %d processes, this run has %d: data augmentation "
                        "will differ from the uninterrupted run", len(rng_states), ctx.world_size)
         restore_rng_state(rng_states[0])
 
@@ -817,7 +802,7 @@ def _start_run(config: TrainConfig, ctx: DistContext) -> _Run:
         run.epoch, run.step = int(checkpoint["epoch"]), int(checkpoint["step"])
         _restore_rng(checkpoint, ctx)
         if ctx.is_main:
-            logger.info("resuming %s after epoch %d (step %d)", config.resume, run.epoch, run.step)
+            log.info("resuming %s after epoch %d (step %d)", config.resume, run.epoch, run.step)
     elif ctx.rank > 0:
         seed_everything(config.seed + ctx.rank)  # different augmentation draws per rank
     run.model = _wrap_distributed(model, ctx)
@@ -826,27 +811,27 @@ def _start_run(config: TrainConfig, ctx: DistContext) -> _Run:
 
 def _train_epochs(run: _Run) -> None:
     """Epochs from run.epoch to the last; log.csv per step, checkpoint.pt per epoch (rank 0)."""
-    log = None
+    step_log = None
     if run.ctx.is_main:
         if not run.config.resume and (run.run_dir / "checkpoint.pt").exists():
-            logger.warning("%s holds an earlier run: starting a new one over it (--resume %s continues it instead)",
-                           run.run_dir, run.run_dir / "checkpoint.pt")
+            log.warning("%s holds an earlier run: starting a new one over it (--resume %s continues it instead)",
+                        run.run_dir, run.run_dir / "checkpoint.pt")
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        log = StepLog(run.run_dir / "log.csv", resume_step=run.step if run.config.resume else None)
+        step_log = StepLog(run.run_dir / "log.csv", resume_step=run.step if run.config.resume else None)
     try:
         while run.epoch < run.config.epochs:
-            _train_one_epoch(run, log)
+            _train_one_epoch(run, step_log)
             run.epoch += 1
             rng_states = _all_gather_objects(run.ctx, capture_rng_state())
             if run.ctx.is_main:
                 save_checkpoint(run.run_dir / "checkpoint.pt", run.checkpoint_state(rng_states))
             _barrier(run.ctx)
     finally:
-        if log is not None:
-            log.close()
+        if step_log is not None:
+            step_log.close()
 
 
-def _train_one_epoch(run: _Run, log: StepLog | None) -> None:
+def _train_one_epoch(run: _Run, step_log: StepLog | None) -> None:
     from tqdm import tqdm
 
     config, ctx = run.config, run.ctx
@@ -865,9 +850,9 @@ def _train_one_epoch(run: _Run, log: StepLog | None) -> None:
         now = time.perf_counter()
         images_per_s = len(images) * ctx.world_size / max(now - tick, 1e-9)
         tick = now
-        if log is not None:
+        if step_log is not None:
             bar.set_postfix(_format_terms(terms, lr), refresh=False)
-            log.write(step=run.step, epoch=run.epoch + 1, terms=terms, lr=lr, images_per_s=images_per_s)
+            step_log.write(step=run.step, epoch=run.epoch + 1, terms=terms, lr=lr, images_per_s=images_per_s)
 
 
 def _evaluate_run(run: _Run) -> None:
@@ -876,11 +861,11 @@ def _evaluate_run(run: _Run) -> None:
     val_dataset, val_ann = load_val_dataset(config, run.dataset.category_ids)
     if val_dataset is None:
         if ctx.is_main:
-            logger.warning("no evaluation (%s): eval.json not written", val_ann)
+            log.warning("no evaluation (%s): eval.json not written", val_ann)
         return
     stats = evaluate(_unwrap(run.model), val_dataset, val_ann, batch_size=config.eval_batch_size, device=ctx.device,
                      amp=config.amp, workers=config.workers, progress=ctx.is_main)
     if ctx.is_main:
         write_json_atomic(run.run_dir / "eval.json", stats)
-        logger.info("val %s: AP %.3f AP50 %.3f AP75 %.3f", val_ann, stats["AP"], stats["AP50"], stats["AP75"])
+        log.info("val %s: AP %.3f AP50 %.3f AP75 %.3f", val_ann, stats["AP"], stats["AP50"], stats["AP75"])
     _barrier(ctx)

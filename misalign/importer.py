@@ -40,10 +40,10 @@ import numpy as np
 import pandas as pd
 
 from misalign.boxes import nms_suppressors
-from misalign.coco import annotation_arrays, load_coco_json
+from misalign.coco import ground_truth_by_image, load_coco_json
 from misalign.errors import InputError
 from misalign.io import atomic_dir
-from misalign.ledger import LedgerWriter
+from misalign.ledger import LedgerWriter, images_frame
 from misalign.truth import truth_columns
 
 log = logging.getLogger(__name__)
@@ -212,31 +212,6 @@ def _show(value: float) -> str:
 # --- the import ----------------------------------------------------------------------------------
 
 
-def _gt_by_image(gt: dict):
-    """{image_id: (boxes, category, ann_id, iscrowd)} slices of the annotation arrays."""
-    arrays = annotation_arrays(gt)
-    order = np.argsort(arrays["image_id"], kind="stable")
-    arrays = {k: v[order] for k, v in arrays.items()}
-    ids, starts = np.unique(arrays["image_id"], return_index=True)
-    ends = np.r_[starts[1:], len(order)]
-    return {int(i): tuple(arrays[k][s:e] for k in ("boxes", "category_id", "ann_id", "iscrowd"))
-            for i, s, e in zip(ids, starts, ends)}
-
-
-def _image_table(gt: dict, gt_by_image: dict) -> pd.DataFrame:
-    images = gt["images"]
-    num_gt = [int(np.count_nonzero(~gt_by_image[im["id"]][3])) if im["id"] in gt_by_image else 0 for im in images]
-    return pd.DataFrame({
-        "image_id": np.array([im["id"] for im in images], np.int64),
-        "file_name": [im["file_name"] for im in images],
-        "width": np.array([im["width"] for im in images], np.int64),
-        "height": np.array([im["height"] for im in images], np.int64),
-        "num_gt": np.array(num_gt, np.int64),
-        "num_anchors": np.full(len(images), -1, np.int64),
-        "num_pos_anchors": np.full(len(images), -1, np.int64),
-    })
-
-
 def _ledger_columns(preds: pd.DataFrame, fmt: str, gt_by_image: dict, nms_thresh: float, max_det: int):
     """kept, per-image suppressed_by and the truth columns for `preds` sorted by (image, -score)."""
     num = len(preds)
@@ -263,8 +238,8 @@ def _ledger_columns(preds: pd.DataFrame, fmt: str, gt_by_image: dict, nms_thresh
             # a kept box scored at least as high: rows are ranked, so "ranked before" (ties: row order)
             local_sup[s:e] = nms_suppressors(b, c, kept[s:e], nms_thresh)
         gt = gt_by_image.get(int(image_ids[s]))
-        if gt is not None:
-            for name, values in truth_columns(b, c, *gt).items():
+        if gt is not None and len(gt["ann_id"]):  # no ground truth: the defaults above (iou 0, gt_id -1)
+            for name, values in truth_columns(b, c, gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"]).items():
                 truth[name][s:e] = values
     return kept, local_sup, truth
 
@@ -282,7 +257,7 @@ def import_predictions(gt_path, predictions_path, out, *, name: str | None = Non
     # rank rows within each image: score descending, ties in input order (as a stable NMS sort does)
     order = np.lexsort((-preds["score"].to_numpy(np.float32), preds["image_id"].to_numpy()))
     preds = preds.iloc[order].reset_index(drop=True)
-    gt_by_image = _gt_by_image(gt)
+    gt_by_image = ground_truth_by_image(gt)
     kept, local_sup, truth = _ledger_columns(preds, fmt, gt_by_image, nms_thresh, max_det)
     frame = preds.assign(kept=kept, suppressed_by=local_sup, **truth)
     if fmt == "coco-results":
@@ -303,7 +278,7 @@ def import_predictions(gt_path, predictions_path, out, *, name: str | None = Non
         "pre_nms": pre_nms,
     }
     with atomic_dir(out) as tmp, LedgerWriter(tmp) as writer:
-        writer.add_images(_image_table(gt, gt_by_image))
+        writer.add_images(images_frame(gt["images"], gt_by_image))
         image_ids = frame["image_id"].to_numpy()
         bounds = np.r_[0, np.flatnonzero(image_ids[1:] != image_ids[:-1]) + 1, len(frame)] if len(frame) else [0]
         for k in range(0, len(bounds) - 1, IMAGES_PER_CHUNK):
