@@ -1,4 +1,4 @@
-"""Training checkpoints (DESIGN.md §3.2): one `checkpoint.pt` per run, written atomically.
+"""Training checkpoints: one `checkpoint.pt` per run, written atomically (the contract: docs/architecture.md).
 
 A checkpoint is a plain dict saved with `torch.save`:
 

@@ -1,4 +1,4 @@
-"""`misalign dump`: run a trained detector over a split and write its ledger (DESIGN.md §3.3).
+"""`misalign dump`: run a trained detector over a split and write its ledger (docs/ledger.md).
 
 For every image the model's own postprocess (`Detector.predict_with_candidates`, the same code path
 as eval mode) gives every (anchor, class) pair that entered NMS, what NMS did to it, and every

@@ -1,6 +1,6 @@
 """`misalign train`: training of the bundled detector, on CPU, one GPU or many (DDP via torchrun).
 
-The recipe is the paper's MMDetection setup (DESIGN.md §5): SGD momentum 0.9, weight decay 1e-4,
+The recipe is the paper's MMDetection setup (docs/methods.md): SGD momentum 0.9, weight decay 1e-4,
 lr 0.01 for a batch of 16 (linearly scaled), linear warm-up from 0.001×lr over 500 iterations,
 ×0.1 at 8/12 and 11/12 of the run (the "1x" schedule: epochs 8 and 11 of 12; "2x": 16 and 22 of 24),
 gradient clipping at max-norm 35 (MMDetection's RetinaNet config), images 1000×600.
@@ -11,7 +11,7 @@ learnt in minutes on 2 cores. `recipe` ("cpu" | "paper") overrides the choice; o
 image size or the backbone change only themselves, never the recipe.
 
 Run folder (`--out RUN`): `log.csv` (one row per step, appended as training goes),
-`checkpoint.pt` (after each epoch, atomically; DESIGN.md §3.2; `--resume` continues from it with
+`checkpoint.pt` (after each epoch, atomically; detector.checkpoint; `--resume` continues from it with
 the same next batch and the same lr), `eval.json` (COCOeval's twelve stats on the val split).
 
 Determinism: the order of the samples of an epoch depends only on (seed, epoch, rank), and the

@@ -1,4 +1,4 @@
-"""`misalign import`: a ledger from another detector's predictions (DESIGN.md §3.3).
+"""`misalign import`: a ledger from another detector's predictions (docs/ledger.md).
 
 Inputs, chosen by the file's suffix:
 - `.json`: COCO results (a list of {image_id, category_id, bbox [x, y, w, h], score}). These are

@@ -1,4 +1,4 @@
-"""The ledger: a dump folder holding every candidate box a detector considered (DESIGN.md §3.3).
+"""The ledger: a dump folder holding every candidate box a detector considered (docs/ledger.md).
 
 Files of a ledger folder:
 - `candidates.parquet` (CANDIDATE_SCHEMA): one row per (anchor, class) pair that entered NMS.

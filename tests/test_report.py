@@ -94,7 +94,7 @@ def test_metrics_json_is_compute_metrics_unchanged(ledgers, pair_report):
         name: compute_metrics(ledgers[name], ledgers["gt"], min_iou=0.5, bootstrap=30, seed=3)
         for name in ("base", "conf")}}
     assert metrics == json_normalised(expected)
-    # the keys of DESIGN.md §3.4
+    # the keys of metrics.json (misalign.metrics.metrics_document)
     assert list(metrics) == ["schema", "detectors"] and list(metrics["detectors"]) == ["base", "conf"]
     conditions = [f"cls>{t:g}" for t in (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)] + [f"iou>{t:g}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)]
     for name, m in metrics["detectors"].items():
