@@ -305,7 +305,7 @@ def demo(out, models, rescore, device, workers) -> None:
     Re-running reuses every finished step. The zoo of docs/methods.md is
     `misalign demo --models all --rescore --out zoo`.
     """
-    from detector.demo import run_demo
+    from pipeline import run_demo
     from detector.model import MODEL_NAMES
 
     # dict.fromkeys: a name given twice is trained and compared once

@@ -111,7 +111,7 @@ def small_cases(folder: Path) -> dict:
 
 def coco_case(folder: Path, args):
     from misalign.ledger import read_candidates
-    from reports.synthetic import synthetic_ledger
+    from misalign.synthetic import synthetic_ledger
 
     start = time.perf_counter()
     gt = synthetic_ledger(folder / "dump", num_images=args.images, cands_per_image=args.cands, num_categories=80,

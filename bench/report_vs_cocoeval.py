@@ -42,14 +42,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KINDS = {  # reports.synthetic.SyntheticConfig options of each generated ledger
+KINDS = {  # misalign.synthetic.SyntheticConfig options of each generated ledger
     "default": {},
     "low-iou": {"background_fraction": 0.8, "cls_coupling": 1.0, "obj_coupling": 0.5},
 }
 
 
 def generate(folder: Path, args) -> Path:
-    from reports.synthetic import synthetic_ledger
+    from misalign.synthetic import synthetic_ledger
 
     start = time.perf_counter()
     gt = synthetic_ledger(folder / "dump", num_images=args.images, cands_per_image=args.cands,

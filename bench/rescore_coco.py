@@ -53,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ledger_dir, gt = args.ledger, args.gt
         if ledger_dir is None:
-            from reports.synthetic import synthetic_ledger
+            from misalign.synthetic import synthetic_ledger
 
             ledger_dir = Path(tmp) / "dump"
             gt = synthetic_ledger(ledger_dir, num_images=args.images, cands_per_image=args.cands, num_categories=80,

@@ -1,4 +1,4 @@
-"""Training checkpoints (DESIGN.md §3.2): one `checkpoint.pt` per run, written atomically.
+"""Training checkpoints: one `checkpoint.pt` per run, written atomically (the contract: docs/architecture.md).
 
 A checkpoint is a plain dict saved with `torch.save`:
 
@@ -29,7 +29,7 @@ import torch
 from misalign.errors import InputError
 from misalign.io import atomic_path
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "misalign-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -76,11 +76,17 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return state
 
 
-def model_from_checkpoint(state: dict):
-    """Rebuild the model of a loaded checkpoint from its config alone and load its weights (CPU, eval mode)."""
+def model_from_checkpoint(state: dict, overrides: dict | None = None):
+    """Rebuild the model of a loaded checkpoint from its config alone and load its weights (CPU, eval mode).
+
+    overrides: model-config keys to change (e.g. the dump's postprocess options); None values keep the
+    checkpoint's. The one place a model is loaded from a checkpoint (train --resume, dump, benchmarks).
+    """
     from detector.model import model_from_config
 
-    model = model_from_config(state["config"])
+    config = dict(state["config"])
+    config.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    model = model_from_config(config)
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -128,5 +134,5 @@ def restore_rng_state(state: dict) -> None:
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
         else:
-            logger.warning("checkpoint has %d CUDA RNG states, this machine has %d GPUs: CUDA RNG not restored",
-                           len(cuda_states), torch.cuda.device_count())
+            log.warning("checkpoint has %d CUDA RNG states, this machine has %d GPUs: CUDA RNG not restored",
+                        len(cuda_states), torch.cuda.device_count())

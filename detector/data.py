@@ -19,7 +19,7 @@ from PIL import Image
 from misalign.coco import annotation_arrays, load_coco_json
 from misalign.errors import InputError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def resize_scale(width: int, height: int, min_size: int, max_size: int) -> float:
@@ -105,7 +105,7 @@ class CocoDetection(torch.utils.data.Dataset):
         keep = ~arrays["iscrowd"] & ~degenerate
         num_degenerate = int((~arrays["iscrowd"] & degenerate).sum())
         if num_degenerate:
-            logger.warning(
+            log.warning(
                 "%s: dropped %d of %d boxes with zero or negative width or height (after clipping to the image)",
                 self.ann_file, num_degenerate, int((~arrays["iscrowd"]).sum()),
             )

@@ -1,4 +1,4 @@
-"""`misalign dump`: run a trained detector over a split and write its ledger (DESIGN.md §3.3).
+"""`misalign dump`: run a trained detector over a split and write its ledger (docs/ledger.md).
 
 For every image the model's own postprocess (`Detector.predict_with_candidates`, the same code path
 as eval mode) gives every (anchor, class) pair that entered NMS, what NMS did to it, and every
@@ -21,13 +21,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from detector.checkpoint import load_checkpoint
+from detector.checkpoint import load_checkpoint, model_from_checkpoint
 from detector.data import CocoDetection, collate_detection
-from detector.model import Detector, model_from_config
-from misalign.coco import annotation_arrays, load_coco_json, resolve_dataset
+from detector.device import autocast, resolve_device
+from detector.model import Detector
+from misalign.coco import ground_truth_by_image, load_coco_json, resolve_dataset
 from misalign.errors import InputError
 from misalign.io import atomic_dir
-from misalign.ledger import LedgerWriter
+from misalign.ledger import LedgerWriter, images_frame
 from misalign.truth import POSITIVE_IOU, match_truth, max_iou_any, raw_counts_rows, threshold_counts, truth_columns
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,16 @@ class DumpConfig:
 def dump(config: DumpConfig) -> Path:
     """Write the ledger of `config.ckpt` on the chosen split to `config.out`; returns that path."""
     _check_options(config)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     checkpoint = load_checkpoint(config.ckpt)
-    model = _load_model(checkpoint, config).to(device).eval()
+    model = model_from_checkpoint(checkpoint, overrides=_postprocess_overrides(config)).to(device)
     ann_path, images_dir = resolve_dataset(config.data, config.split, config.ann, config.images)
     category_ids = [int(c) for c in checkpoint["config"]["category_ids"]]
     dataset = CocoDetection(
         ann_path, images_dir, train=False, min_size=model.cfg.img_size, max_size=model.cfg.max_size,
         category_ids=category_ids,
     )
-    gt = _ground_truth_by_image(load_coco_json(ann_path))
+    gt = ground_truth_by_image(load_coco_json(ann_path))
     indices = list(range(len(dataset) if config.limit is None else min(config.limit, len(dataset))))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=config.batch_size, shuffle=False,
@@ -77,7 +78,7 @@ def dump(config: DumpConfig) -> Path:
     meta = _meta(config, checkpoint, model, ann_path, images_dir)
     with atomic_dir(config.out) as tmp, LedgerWriter(tmp) as writer:
         anchor_counts = _write_batches(writer, model, loader, gt, dataset.category_ids, device, config)
-        writer.add_images(_images_frame(dataset, indices, gt, anchor_counts))
+        writer.add_images(images_frame([dataset.image_info(i) for i in indices], gt, anchor_counts))
         writer.close(meta)
     log.info("wrote %s (%d images)", config.out, len(indices))
     return Path(config.out)
@@ -89,7 +90,7 @@ def _write_batches(writer, model, loader, gt, category_ids, device, config) -> d
     with tqdm(total=len(loader.dataset), desc="dump", unit="img", dynamic_ncols=True) as bar:
         for images, targets in loader:
             images = [image.to(device, non_blocking=True) for image in images]
-            with _autocast(device, config.amp):
+            with autocast(device, "bf16" if config.amp and device.type == "cuda" else "none"):  # ignored on CPU
                 outputs = model.predict_with_candidates(images)
             for output, target in zip(outputs, targets):
                 image_id = target["image_id"]
@@ -117,7 +118,7 @@ def image_rows(output: dict, target: dict, gt: dict, category_ids: list[int], wi
 
     output: one element of `Detector.predict_with_candidates` (boxes in the dataset's resized
     pixels); target: the dataset's target (its `scale` maps boxes back: original = resized / scale);
-    gt: that image's ground truth from `_ground_truth_by_image` (original pixels, crowd included).
+    gt: that image's ground truth from `misalign.coco.ground_truth_by_image` (original pixels, crowd included).
     Returns `candidates` (DataFrame for LedgerWriter.add_candidates, suppressed_by per image),
     `raw_counts` (long format), `anchors` (num_anchors, num_pos_anchors) and, with `with_raw`,
     `raw` (one row per anchor).
@@ -175,42 +176,10 @@ def _raw_frame(output, image_id, raw_boxes, anchors, anchor_iou, gt, category_id
     })
 
 
-def _images_frame(dataset: CocoDetection, indices: list[int], gt: dict, anchor_counts: dict) -> pd.DataFrame:
-    infos = [dataset.image_info(i) for i in indices]
-    ids = [int(info["id"]) for info in infos]
-    return pd.DataFrame({
-        "image_id": np.asarray(ids, np.int64),
-        "file_name": [info["file_name"] for info in infos],
-        "width": [int(info["width"]) for info in infos],
-        "height": [int(info["height"]) for info in infos],
-        "num_gt": [int((~gt[i]["iscrowd"]).sum()) for i in ids],
-        "num_anchors": [anchor_counts[i][0] for i in ids],
-        "num_pos_anchors": [anchor_counts[i][1] for i in ids],
-    })
-
-
-def _ground_truth_by_image(dataset: dict) -> dict[int, dict[str, np.ndarray]]:
-    """image id -> its annotations as arrays (ann_id, category_id, iscrowd, boxes xyxy original px)."""
-    arrays = annotation_arrays(dataset)
-    order = np.argsort(arrays["image_id"], kind="stable")
-    sorted_ids = arrays["image_id"][order]
-    result = {}
-    for image in dataset["images"]:
-        lo, hi = np.searchsorted(sorted_ids, image["id"], "left"), np.searchsorted(sorted_ids, image["id"], "right")
-        rows = order[lo:hi]
-        result[int(image["id"])] = {key: arrays[key][rows] for key in ("ann_id", "category_id", "iscrowd", "boxes")}
-    return result
-
-
-def _load_model(checkpoint: dict, config: DumpConfig) -> Detector:
-    """The checkpoint's model with the postprocess overrides of `config` applied."""
-    model_config = dict(checkpoint["config"])
-    overrides = {"score_thresh": config.score_thresh, "topk": config.topk, "nms_thresh": config.nms_thresh,
-                 "max_det": config.max_det, "obj_exponent": config.alpha}
-    model_config.update({key: value for key, value in overrides.items() if value is not None})
-    model = model_from_config(model_config)
-    model.load_state_dict(checkpoint["model"])
-    return model
+def _postprocess_overrides(config: DumpConfig) -> dict:
+    """The model-config keys the dump's options override (None: keep the checkpoint's)."""
+    return {"score_thresh": config.score_thresh, "topk": config.topk, "nms_thresh": config.nms_thresh,
+            "max_det": config.max_det, "obj_exponent": config.alpha}
 
 
 def _meta(config: DumpConfig, checkpoint: dict, model: Detector, ann_path: Path, images_dir: Path) -> dict:
@@ -256,15 +225,3 @@ def _check_options(config: DumpConfig) -> None:
     for option, value, ok, problem in checks:
         if value is not None and not ok(value):
             raise InputError(f"{option}: {value} {problem}")
-
-
-def _resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
-    return torch.device(choice)
-
-
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")

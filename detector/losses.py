@@ -28,7 +28,7 @@ DR_REDUCTIONS = ("image", "batch")
 # How the DC loss scales the centre offset before squaring it (see `dc_coefficient`).
 DC_CENTER_NORMS = ("gt_wh", "gt_diag", "none")
 
-# DR loss constants (Qian et al.; DESIGN.md §5): temperatures of the two distributions, the margin,
+# DR loss constants (Qian et al.; docs/methods.md): temperatures of the two distributions, the margin,
 # and the smoothing L and scale tau of the logistic loss.
 DR_POS_LAMBDA = 1.0
 DR_NEG_LAMBDA = 0.1 / math.log(3.5)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from misalign.errors import InputError
 from misalign.io import atomic_dir
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CATEGORIES = ("ellipse", "rectangle", "triangle", "star", "cross")  # category id = index + 1
 SPLITS = ("train", "val")  # index used in the per-image seed
@@ -262,7 +262,7 @@ def write_shapes_dataset(
     with atomic_dir(out_dir) as tmp:
         for split, num_images in zip(SPLITS, (num_train, num_val)):
             _write_split(tmp, split, num_images, image_size, seed)
-    logger.debug("wrote shapes dataset to %s (%d train, %d val images)", out_dir, num_train, num_val)
+    log.debug("wrote shapes dataset to %s (%d train, %d val images)", out_dir, num_train, num_val)
     return out_dir
 
 

@@ -1,6 +1,9 @@
 """`misalign train`: training of the bundled detector, on CPU, one GPU or many (DDP via torchrun).
 
-The recipe is the paper's MMDetection setup (DESIGN.md §5): SGD momentum 0.9, weight decay 1e-4,
+This module is the loop; the configuration and its defaults are detector.recipe, the evaluation
+detector.evaluate (both re-exported here: `from detector.train import TrainConfig, train`).
+
+The recipe is the paper's MMDetection setup (docs/methods.md): SGD momentum 0.9, weight decay 1e-4,
 lr 0.01 for a batch of 16 (linearly scaled), linear warm-up from 0.001×lr over 500 iterations,
 ×0.1 at 8/12 and 11/12 of the run (the "1x" schedule: epochs 8 and 11 of 12; "2x": 16 and 22 of 24),
 gradient clipping at max-norm 35 (MMDetection's RetinaNet config), images 1000×600.
@@ -11,7 +14,7 @@ learnt in minutes on 2 cores. `recipe` ("cpu" | "paper") overrides the choice; o
 image size or the backbone change only themselves, never the recipe.
 
 Run folder (`--out RUN`): `log.csv` (one row per step, appended as training goes),
-`checkpoint.pt` (after each epoch, atomically; DESIGN.md §3.2; `--resume` continues from it with
+`checkpoint.pt` (after each epoch, atomically; detector.checkpoint; `--resume` continues from it with
 the same next batch and the same lr), `eval.json` (COCOeval's twelve stats on the val split).
 
 Determinism: the order of the samples of an epoch depends only on (seed, epoch, rank), and the
@@ -35,235 +38,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from detector.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from detector.checkpoint import (capture_rng_state, load_checkpoint, model_from_checkpoint, restore_rng_state,
+                                 save_checkpoint)
+from detector.device import autocast, resolve_device
+from detector.evaluate import _unwrap, evaluate, predict_detections  # noqa: F401 (detector.train.evaluate)
+from detector.recipe import (  # noqa: F401 (the recipe's names, as detector.train has always offered them)
+    AMP_CHOICES, BASE_LR, CPU_RECIPE, DEFAULT_WEIGHT_DECAY, DEVICE_CHOICES, LR_STEP_FRACTIONS, LR_STEP_GAMMA,
+    OPTIMIZERS, PAPER_RECIPE, RECIPES, RESUMED_OPTIONS, SCHEDULES, SIZE_OPTIONS, WARMUP_MAX_FRACTION, TrainConfig,
+    choose_recipe, recipe_values, resolve_defaults, resolve_epochs, validate_config)
 from misalign.errors import InputError
 from misalign.io import atomic_path, write_json_atomic
 
-logger = logging.getLogger(__name__)
-
-AMP_CHOICES = ("none", "bf16", "fp16")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-SCHEDULES = {"1x": 12, "2x": 24}  # schedule name -> default number of epochs
-LR_STEP_FRACTIONS = (8 / 12, 11 / 12)  # ×0.1 at epochs 8 and 11 of 12 (and 16, 22 of 24), scaled to the run
-LR_STEP_GAMMA = 0.1
-WARMUP_MAX_FRACTION = 0.1  # warm-up never takes more than this fraction of a run's iterations
-
-# The paper's setup (MMDetection RetinaNet, 8 GPUs × 2 images); the default on a GPU.
-PAPER_RECIPE = {
-    "backbone": "resnet50",
-    "img_size": 600,  # shorter side (COCO "1000×600")
-    "max_size": 1000,  # longer side at most
-    "batch_size": 16,
-    "optimizer": "sgd",
-    "warmup_iters": 500,
-    "workers": 4,
-    "min_steps": 0,  # epochs count, whatever the dataset size (COCO: 12 epochs are ~88k steps)
-    "model_options": {},
-}
-# Small CPU recipe: what 2 CPU cores can teach the built-in shapes dataset in a few minutes. Nothing
-# pretrained is available offline, so the network learns from scratch: a light backbone (resnet10,
-# trainable BatchNorm), narrow FPN and heads with GroupNorm (both speed up learning from scratch),
-# anchors halved for 160-px images (the shapes are 12-136 px), AdamW (about twice the AP of SGD
-# after the same number of epochs here). Everything else is the paper's recipe.
-CPU_RECIPE = {
-    "backbone": "resnet10",
-    "img_size": 160,
-    "max_size": 160,
-    "batch_size": 8,
-    "epochs": 18,  # AP50 >= 0.6 on shapes val for retinanet and retinanet-conf in < 6 min on 2 cores
-    # Learning from scratch takes optimizer steps, not epochs: the recipe was tuned at shapes' 1000
-    # images / batch 8 × 18 epochs = 2,250 steps, and a few dozen images × 18 epochs are only ~100.
-    # A smaller dataset gets more epochs, up to this many steps (shapes itself: exactly 18 epochs).
-    "min_steps": 2250,
-    "optimizer": "adamw",
-    "warmup_iters": 50,
-    "workers": 0,  # 2 cores: decoding 160-px PNGs in the main process beats competing with it
-    "model_options": {"fpn_channels": 64, "num_head_convs": 2, "head_norm": "group",
-                      "anchor_sizes": [16, 32, 64, 128, 256]},
-}
-SIZE_OPTIONS = ("backbone", "img_size", "max_size")  # options --resume refuses to change (the model's shape)
-RECIPES = ("cpu", "paper")
-# Options a resumed run takes from its checkpoint when left unset (None).
-RESUMED_OPTIONS = ("recipe", "model", "backbone", "img_size", "max_size", "epochs", "min_steps", "batch_size",
-                   "optimizer", "lr", "weight_decay", "warmup_iters", "workers")
-OPTIMIZERS = ("sgd", "adamw")
-BASE_LR = {"sgd": 0.01, "adamw": 0.004}  # lr for a batch of 16 images; scaled linearly with the batch
-DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
-
-
-@dataclass
-class TrainConfig:
-    # --- recipe ---
-    recipe: str | None = None  # "cpu" | "paper"; None: "cpu" on a CPU, "paper" on a GPU (sizes never choose it)
-    # --- model ---
-    model: str | None = None  # retinanet | retinanet-conf | iou-aware; None: retinanet (or the resumed run's)
-    backbone: str | None = None  # resnet10/18/34/50/101; None: resnet50 (paper), resnet10 (CPU recipe)
-    pretrained: bool = False  # torchvision's ImageNet weights for the backbone (downloads once)
-    backbone_weights: str | None = None  # local file with backbone weights (state dict)
-    model_options: dict = field(default_factory=dict)  # extra build_model options (over the recipe's)
-    # --- data (COCO layout: DATA/annotations/instances_SPLIT.json, DATA/SPLIT/) ---
-    data: str | None = None  # dataset folder
-    split: str = "train"  # training split
-    ann: str | None = None  # explicit annotation file (instead of data/split)
-    images: str | None = None  # explicit image folder (instead of data/split)
-    val_split: str | None = "val"  # evaluated at the end into eval.json; None or missing: skipped
-    val_ann: str | None = None  # explicit val annotation file
-    val_images: str | None = None  # explicit val image folder
-    img_size: int | None = None  # shorter image side; None: 600 (paper), 160 (CPU recipe)
-    max_size: int | None = None  # longer image side at most; None: 1000 (paper), 160 (CPU recipe)
-    workers: int | None = None  # data-loader processes per training process; None: 4 (paper), 0 (CPU recipe)
-    # --- optimisation ---
-    out: str = "runs/run"  # run folder: log.csv, checkpoint.pt, eval.json
-    schedule: str = "1x"  # "1x" or "2x" (twice the recipe's epochs); the lr steps sit at 8/12 and 11/12 of the run
-    epochs: int | None = None  # None: the recipe's (12 paper, 18 CPU; ×2 with 2x), raised to reach min_steps
-    min_steps: int | None = None  # floor on the optimizer steps when epochs is None; None: 0 (paper), 2250 (CPU)
-    batch_size: int | None = None  # images per optimizer step, over all processes; None: 16 (paper), 8 (CPU)
-    optimizer: str | None = None  # "sgd" (paper: momentum SGD) | "adamw"; None: sgd (paper), adamw (CPU recipe)
-    lr: float | None = None  # None: 0.01 (SGD) or 0.004 (AdamW) × batch_size / 16 (linear scaling rule)
-    momentum: float = 0.9  # SGD momentum (AdamW: unused, betas 0.9, 0.999)
-    weight_decay: float | None = None  # on every parameter (as MMDetection); None: 1e-4 (SGD), 0.05 (AdamW)
-    warmup_iters: int | None = None  # linear warm-up length; None: 500 (paper), 50 (CPU); capped at 10% of the run
-    warmup_ratio: float = 0.001  # lr at the first iteration, as a fraction of lr
-    grad_clip: float | None = 35.0  # max L2 norm of all gradients (MMDetection's RetinaNet); None: no clipping
-    # --- machine ---
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    amp: str = "none"  # none | bf16 | fp16 autocast (GPU only)
-    seed: int = 0  # python/numpy/torch seeds and the data order
-    resume: str | None = None  # checkpoint.pt to continue from (unset options take its values)
-    eval_batch_size: int = 8  # images per forward pass during the final evaluation
-
-
-# --- configuration ----------------------------------------------------------------------------------
-
-
-def validate_config(config: TrainConfig) -> None:
-    """Raise InputError (naming the option) for values out of range; no file is touched."""
-    from detector.model import BACKBONES, MODEL_NAMES
-
-    checks = [
-        (config.model is None or config.model in MODEL_NAMES, "--model",
-         f"unknown model {config.model!r} (choose from {', '.join(MODEL_NAMES)})"),
-        (config.backbone is None or config.backbone in BACKBONES, "--backbone",
-         f"unknown backbone {config.backbone!r} (choose from {', '.join(BACKBONES)})"),
-        (config.epochs is None or config.epochs >= 1, "--epochs", f"must be at least 1, got {config.epochs}"),
-        (config.batch_size is None or config.batch_size >= 1, "--batch-size",
-         f"must be at least 1, got {config.batch_size}"),
-        (config.lr is None or (math.isfinite(config.lr) and config.lr > 0), "--lr", f"must be > 0, got {config.lr}"),
-        (config.img_size is None or config.img_size >= 32, "--img-size",
-         f"must be at least 32 pixels, got {config.img_size}"),
-        (config.max_size is None or config.max_size >= 32, "--max-size",
-         f"must be at least 32 pixels, got {config.max_size}"),
-        (config.img_size is None or config.max_size is None or config.max_size >= config.img_size, "--max-size",
-         f"{config.max_size} is smaller than --img-size {config.img_size}"),
-        (config.workers is None or config.workers >= 0, "--workers", f"must be 0 or more, got {config.workers}"),
-        (config.recipe is None or config.recipe in RECIPES, "--recipe",
-         f"unknown recipe {config.recipe!r} (choose from {', '.join(RECIPES)})"),
-        (config.min_steps is None or config.min_steps >= 0, "min_steps", f"must be >= 0, got {config.min_steps}"),
-        (config.schedule in SCHEDULES, "--schedule", f"unknown schedule {config.schedule!r} (choose from 1x, 2x)"),
-        (config.optimizer is None or config.optimizer in OPTIMIZERS, "--optimizer",
-         f"unknown optimizer {config.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"),
-        (0 <= config.momentum < 1, "momentum", f"must be in [0, 1), got {config.momentum}"),
-        (config.weight_decay is None or config.weight_decay >= 0, "--weight-decay",
-         f"must be >= 0, got {config.weight_decay}"),
-        (config.warmup_iters is None or config.warmup_iters >= 0, "warmup_iters",
-         f"must be >= 0, got {config.warmup_iters}"),
-        (0 < config.warmup_ratio <= 1, "warmup_ratio", f"must be in (0, 1], got {config.warmup_ratio}"),
-        (config.grad_clip is None or config.grad_clip > 0, "grad_clip", f"must be > 0, got {config.grad_clip}"),
-        (config.device in DEVICE_CHOICES, "--device",
-         f"unknown device {config.device!r} (choose from auto, cpu, cuda)"),
-        (config.amp in AMP_CHOICES, "--amp", f"unknown mode {config.amp!r} (choose from none, bf16, fp16)"),
-        (config.eval_batch_size >= 1, "eval_batch_size", f"must be at least 1, got {config.eval_batch_size}"),
-        (not (config.pretrained and config.backbone_weights), "--backbone-weights",
-         "give --pretrained or --backbone-weights, not both"),
-        (config.backbone_weights is None or Path(config.backbone_weights).is_file(), "--backbone-weights",
-         f"{config.backbone_weights}: no such file"),
-        (config.data is not None or (config.ann is not None and config.images is not None)
-         or config.resume is not None, "--data", "give --data DIR (or --ann FILE and --images DIR)"),
-    ]
-    for ok, option, problem in checks:
-        if not ok:
-            raise InputError(f"{option}: {problem}")
-
-
-def resolve_device(choice: str) -> torch.device:
-    """auto -> cuda when a GPU is visible, else cpu. InputError for cuda without a GPU."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device: cuda asked for but no GPU is visible (torch.cuda.is_available() is False)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def choose_recipe(config: TrainConfig, device: torch.device) -> str:
-    """config.recipe if set; else "cpu" (the small CPU recipe) on a CPU, "paper" on a GPU.
-
-    Image size, backbone and the other options change only themselves: a CPU user with 400-px
-    images who gives --img-size 400 still wants a recipe that learns on a CPU.
-    """
-    if config.recipe is not None:
-        return config.recipe
-    return "cpu" if device.type == "cpu" else "paper"
-
-
-def _fill_sizes(values: dict, recipe: dict) -> None:
-    """The recipe's image sizes for those not given, widened so that img_size <= max_size still holds
-    (--img-size 400 on the 160-px CPU recipe means 400 max 400, not an error)."""
-    if values["max_size"] is None:
-        values["max_size"] = max(recipe["max_size"], values["img_size"] or 0)
-    if values["img_size"] is None:
-        values["img_size"] = min(recipe["img_size"], values["max_size"])
-
-
-def resolve_defaults(config: TrainConfig, device: torch.device, previous: dict | None = None) -> TrainConfig:
-    """Fill every option left None but `epochs`: from `previous` (a resumed run's options), else from the recipe.
-
-    The recipe is `config.recipe`, else CPU_RECIPE on a CPU and PAPER_RECIPE on a GPU. lr follows the
-    linear scaling rule BASE_LR[optimizer] × batch_size / 16 unless given. `epochs` needs the
-    dataset's size (the recipe's step floor): `resolve_epochs` fills it.
-    """
-    values = dataclasses.asdict(config)
-    if previous is not None:
-        for name in RESUMED_OPTIONS:
-            if values[name] is None:
-                values[name] = previous.get(name)
-        values["model_options"] = {**previous.get("model_options", {}), **values["model_options"]}
-    values["recipe"] = choose_recipe(TrainConfig(**values), device)
-    recipe = recipe_values(values["recipe"])
-    _fill_sizes(values, recipe)
-    for name, value in recipe.items():
-        if name == "model_options":
-            values[name] = {**value, **values[name]}
-        elif name != "epochs" and values.get(name) is None:
-            values[name] = value
-    if values["model"] is None:
-        values["model"] = "retinanet"
-    if values["lr"] is None:
-        values["lr"] = BASE_LR[values["optimizer"]] * values["batch_size"] / 16
-    if values["weight_decay"] is None:
-        values["weight_decay"] = DEFAULT_WEIGHT_DECAY[values["optimizer"]]
-    if device.type == "cpu" and values["amp"] != "none":
-        raise InputError(f"--amp: {values['amp']} autocast needs a GPU; use --amp none on CPU")
-    return TrainConfig(**values)
-
-
-def recipe_values(name: str) -> dict:
-    """CPU_RECIPE or PAPER_RECIPE by name."""
-    return CPU_RECIPE if name == "cpu" else PAPER_RECIPE
-
-
-def resolve_epochs(config: TrainConfig, iters_per_epoch: int) -> TrainConfig:
-    """`config` with `epochs` filled: as given, else the recipe's (1x; 2x doubles it), raised so that
-    the run takes at least `min_steps` optimizer steps (2x: twice as many)."""
-    if config.epochs is not None:  # given, or the resumed run's: a run never changes its length on its own
-        return config
-    length = SCHEDULES[config.schedule]  # 12 (1x) or 24 (2x)
-    epochs = recipe_values(config.recipe).get("epochs", 12) * length // 12
-    floor = -(-config.min_steps * length // (12 * iters_per_epoch))  # ceil, in integers
-    return dataclasses.replace(config, epochs=max(epochs, floor))
-
-
-# --- learning-rate schedule -------------------------------------------------------------------------
-
+log = logging.getLogger(__name__)
 
 def lr_milestones(epochs: int, iters_per_epoch: int) -> list[int]:
     """Optimizer steps at which the lr is multiplied by 0.1: 8/12 and 11/12 of the run.
@@ -432,12 +218,10 @@ def load_val_dataset(config: TrainConfig, category_ids: list[int]):
 
 def build_training_model(config: TrainConfig, num_classes: int, checkpoint: dict | None):
     """A new model from the options, or the resumed run's model rebuilt from its checkpoint config."""
-    from detector.model import build_model, model_from_config
+    from detector.model import build_model
 
     if checkpoint is not None:
-        model = model_from_config(checkpoint["config"])
-        model.load_state_dict(checkpoint["model"])
-        return model
+        return model_from_checkpoint(checkpoint).train()
     return build_model(
         config.model,
         num_classes,
@@ -492,11 +276,6 @@ class TrainingDivergedError(InputError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _autocast(config: TrainConfig, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def _to_device(images, targets, device):
     images = [image.to(device, non_blocking=True) for image in images]
     targets = [
@@ -528,7 +307,7 @@ def train_step(model, optimizer, scaler, images, targets, config: TrainConfig, c
     """Forward, NaN check, backward, clip, SGD step. Returns the loss terms and `loss` (their sum),
     averaged over processes. Raises TrainingDivergedError before touching the weights if the loss
     (or, without fp16 loss scaling, the gradient norm) is not finite."""
-    with _autocast(config, ctx.device):
+    with autocast(ctx.device, config.amp):
         losses = model(images, targets)
     loss = sum(losses.values())
     terms = _reduce_losses({**losses, "loss": loss}, ctx)
@@ -596,76 +375,6 @@ class StepLog:
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-@torch.no_grad()
-def predict_detections(model, dataset, *, indices=None, batch_size: int = 8, device="cpu", amp: str = "none",
-                       workers: int = 0, progress: bool = True) -> np.ndarray:
-    """Detections of `model` on `dataset` (or its `indices`) as rows for misalign.cocoeval.
-
-    Returns float64 [N, 7]: image_id, x, y, w, h (original-image pixels: the dataset's resized
-    boxes divided by its `scale`), score, category_id (dataset.category_ids[label]).
-    """
-    from torch.utils.data import DataLoader, Subset
-    from tqdm import tqdm
-
-    from detector.data import collate_detection
-    from misalign.boxes import xyxy_to_xywh
-
-    device = torch.device(device)
-    subset = dataset if indices is None else Subset(dataset, list(indices))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_detection)
-    category_ids = np.asarray(dataset.category_ids, dtype=np.float64)
-    model = _unwrap(model)
-    was_training = model.training
-    model.eval()
-    rows = []
-    autocast_config = TrainConfig(amp=amp)
-    for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        with _autocast(autocast_config, device):
-            outputs = model([image.to(device) for image in images])
-        for output, target in zip(outputs, targets):
-            boxes = output["boxes"].float().cpu().numpy() / float(target["scale"])  # [K, 4] xyxy, original pixels
-            scores = output["scores"].float().cpu().numpy()  # [K]
-            labels = output["labels"].cpu().numpy()  # [K] contiguous
-            image_id = np.full(len(boxes), float(target["image_id"]))
-            rows.append(np.column_stack([image_id, xyxy_to_xywh(boxes), scores, category_ids[labels]]))
-    model.train(was_training)
-    return np.concatenate(rows) if rows else np.zeros((0, 7))
-
-
-def evaluate(model, dataset, ann_path=None, *, batch_size: int = 8, device="cpu", amp: str = "none",
-             workers: int = 0, progress: bool = True) -> dict[str, float]:
-    """COCOeval (pycocotools, via misalign.cocoeval) of `model` on every image of `dataset`.
-
-    ann_path: the dataset's annotation file (default `dataset.ann_file`). Under torch.distributed
-    each process predicts its share of the images and rank 0 evaluates; every rank returns the
-    twelve stats (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl).
-    """
-    from misalign.cocoeval import evaluate_detections, load_gt_quietly
-
-    ann_path = ann_path if ann_path is not None else dataset.ann_file
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    indices = range(rank, len(dataset), world_size)
-    detections = predict_detections(model, dataset, indices=indices, batch_size=batch_size, device=device, amp=amp,
-                                    workers=workers, progress=progress and rank == 0)
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, detections)
-        detections = np.concatenate(gathered)
-    stats = [None]
-    if rank == 0:
-        stats[0] = evaluate_detections(load_gt_quietly(ann_path), detections, image_ids=dataset.image_ids)
-    if world_size > 1:
-        dist.broadcast_object_list(stats, src=0)
-    return stats[0]
-
-
-# --- the loop -------------------------------------------------------------------------------------------
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -764,7 +473,7 @@ def _resolve_run_config(config: TrainConfig, ctx: DistContext, checkpoint: dict 
 
 def _log_recipe(config: TrainConfig, num_images: int, steps_per_epoch: int) -> None:
     floor = f", at least {config.min_steps} steps" if config.min_steps else ""
-    logger.info("recipe: %s (%s, %d px max %d, batch %d, %s lr %g%s): %d epochs of %d steps (%d images) = %d "
+    log.info("recipe: %s (%s, %d px max %d, batch %d, %s lr %g%s): %d epochs of %d steps (%d images) = %d "
                 "optimizer steps", config.recipe, config.backbone, config.img_size, config.max_size,
                 config.batch_size, config.optimizer, config.lr, floor, config.epochs, steps_per_epoch, num_images,
                 config.epochs * steps_per_epoch)
@@ -775,7 +484,7 @@ def _restore_rng(checkpoint: dict, ctx: DistContext) -> None:
     if len(rng_states) == ctx.world_size:
         restore_rng_state(rng_states[ctx.rank])
     elif rng_states:
-        logger.warning("checkpoint has RNG states of %d processes, this run has %d: data augmentation "
+        log.warning("checkpoint has RNG states of %d processes, this run has %d: data augmentation "
                        "will differ from the uninterrupted run", len(rng_states), ctx.world_size)
         restore_rng_state(rng_states[0])
 
@@ -817,7 +526,7 @@ def _start_run(config: TrainConfig, ctx: DistContext) -> _Run:
         run.epoch, run.step = int(checkpoint["epoch"]), int(checkpoint["step"])
         _restore_rng(checkpoint, ctx)
         if ctx.is_main:
-            logger.info("resuming %s after epoch %d (step %d)", config.resume, run.epoch, run.step)
+            log.info("resuming %s after epoch %d (step %d)", config.resume, run.epoch, run.step)
     elif ctx.rank > 0:
         seed_everything(config.seed + ctx.rank)  # different augmentation draws per rank
     run.model = _wrap_distributed(model, ctx)
@@ -826,27 +535,27 @@ def _start_run(config: TrainConfig, ctx: DistContext) -> _Run:
 
 def _train_epochs(run: _Run) -> None:
     """Epochs from run.epoch to the last; log.csv per step, checkpoint.pt per epoch (rank 0)."""
-    log = None
+    step_log = None
     if run.ctx.is_main:
         if not run.config.resume and (run.run_dir / "checkpoint.pt").exists():
-            logger.warning("%s holds an earlier run: starting a new one over it (--resume %s continues it instead)",
-                           run.run_dir, run.run_dir / "checkpoint.pt")
+            log.warning("%s holds an earlier run: starting a new one over it (--resume %s continues it instead)",
+                        run.run_dir, run.run_dir / "checkpoint.pt")
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        log = StepLog(run.run_dir / "log.csv", resume_step=run.step if run.config.resume else None)
+        step_log = StepLog(run.run_dir / "log.csv", resume_step=run.step if run.config.resume else None)
     try:
         while run.epoch < run.config.epochs:
-            _train_one_epoch(run, log)
+            _train_one_epoch(run, step_log)
             run.epoch += 1
             rng_states = _all_gather_objects(run.ctx, capture_rng_state())
             if run.ctx.is_main:
                 save_checkpoint(run.run_dir / "checkpoint.pt", run.checkpoint_state(rng_states))
             _barrier(run.ctx)
     finally:
-        if log is not None:
-            log.close()
+        if step_log is not None:
+            step_log.close()
 
 
-def _train_one_epoch(run: _Run, log: StepLog | None) -> None:
+def _train_one_epoch(run: _Run, step_log: StepLog | None) -> None:
     from tqdm import tqdm
 
     config, ctx = run.config, run.ctx
@@ -865,9 +574,9 @@ def _train_one_epoch(run: _Run, log: StepLog | None) -> None:
         now = time.perf_counter()
         images_per_s = len(images) * ctx.world_size / max(now - tick, 1e-9)
         tick = now
-        if log is not None:
+        if step_log is not None:
             bar.set_postfix(_format_terms(terms, lr), refresh=False)
-            log.write(step=run.step, epoch=run.epoch + 1, terms=terms, lr=lr, images_per_s=images_per_s)
+            step_log.write(step=run.step, epoch=run.epoch + 1, terms=terms, lr=lr, images_per_s=images_per_s)
 
 
 def _evaluate_run(run: _Run) -> None:
@@ -876,11 +585,11 @@ def _evaluate_run(run: _Run) -> None:
     val_dataset, val_ann = load_val_dataset(config, run.dataset.category_ids)
     if val_dataset is None:
         if ctx.is_main:
-            logger.warning("no evaluation (%s): eval.json not written", val_ann)
+            log.warning("no evaluation (%s): eval.json not written", val_ann)
         return
     stats = evaluate(_unwrap(run.model), val_dataset, val_ann, batch_size=config.eval_batch_size, device=ctx.device,
                      amp=config.amp, workers=config.workers, progress=ctx.is_main)
     if ctx.is_main:
         write_json_atomic(run.run_dir / "eval.json", stats)
-        logger.info("val %s: AP %.3f AP50 %.3f AP75 %.3f", val_ann, stats["AP"], stats["AP50"], stats["AP75"])
+        log.info("val %s: AP %.3f AP50 %.3f AP75 %.3f", val_ann, stats["AP"], stats["AP50"], stats["AP75"])
     _barrier(ctx)

@@ -1,7 +1,8 @@
 """Box formats and IoU in NumPy, COCO convention (no "+1" on widths).
 
 COCO JSON stores `[x, y, w, h]`; everything inside misalign is `x1, y1, x2, y2` in pixels of the
-original image. These two functions are the one place where the formats meet.
+original image. xywh_to_xyxy and xyxy_to_xywh are the one place where the formats meet; nms_suppressors
+attributes each box NMS removed to the survivor that removed it (numpy only: misalign.nms runs the NMS).
 """
 
 from __future__ import annotations
@@ -38,3 +39,21 @@ def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, inter / union, 0.0)
+
+
+def nms_suppressors(boxes, categories, survivor: np.ndarray, nms_thresh: float) -> np.ndarray:
+    """[N] suppressor of each non-survivor: the first survivor (in rank order) of the same category,
+    ranked before it, with IoU > nms_thresh; -1 for survivors and where there is none.
+
+    Rows ordered by rank (score descending); boxes [N, 4] xyxy float64; survivor [N] bool.
+    """
+    result = np.full(len(boxes), -1, np.int64)
+    for category in np.unique(categories[~survivor]):
+        rows = np.flatnonzero(categories == category)  # rank order
+        lost, won = rows[~survivor[rows]], rows[survivor[rows]]
+        if not len(won):
+            continue
+        valid = (box_iou(boxes[lost], boxes[won]) > nms_thresh) & (won[None, :] < lost[:, None])  # [L, W]
+        first = valid.argmax(axis=1)  # survivors are in rank order: the first True is the best
+        result[lost] = np.where(valid.any(axis=1), won[first], -1)
+    return result

@@ -153,6 +153,24 @@ def annotation_arrays(dataset: dict) -> dict[str, np.ndarray]:
 # --- data check ---------------------------------------------------------------------------------
 
 
+def ground_truth_by_image(dataset: dict) -> dict[int, dict[str, np.ndarray]]:
+    """image id -> its annotations as arrays (ann_id, category_id, iscrowd, boxes xyxy original px), for
+    every image of `dataset` (a COCO instances dict), empty arrays for an image without annotations.
+
+    The one grouping of the ground truth by image, used by every ledger writer (the dump, the importer)
+    to compute the truth columns and images.parquet's num_gt.
+    """
+    arrays = annotation_arrays(dataset)
+    order = np.argsort(arrays["image_id"], kind="stable")
+    sorted_ids = arrays["image_id"][order]
+    result = {}
+    for image in dataset["images"]:
+        lo, hi = np.searchsorted(sorted_ids, image["id"], "left"), np.searchsorted(sorted_ids, image["id"], "right")
+        rows = order[lo:hi]
+        result[int(image["id"])] = {key: arrays[key][rows] for key in ("ann_id", "category_id", "iscrowd", "boxes")}
+    return result
+
+
 @dataclass
 class CategoryCount:
     category_id: int

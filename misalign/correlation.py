@@ -1,4 +1,4 @@
-"""Score-IoU correlation and divergence, with bootstrap confidence intervals over images (DESIGN.md §4).
+"""Score-IoU correlation and divergence, with bootstrap confidence intervals over images (docs/methods.md).
 
 The pool: pre-NMS candidates with `iou >= min_iou` (default 0.5) and a finite score. Over it:
 Spearman rho, Kendall tau-b and Pearson r between a score column and `iou` (scipy.stats). Per

@@ -1,4 +1,4 @@
-"""Threshold counts, proportions and NMS survival: the paper's Table 1 and Figure 2 (DESIGN.md §4).
+"""Threshold counts, proportions and NMS survival: the paper's Table 1 and Figure 2 (docs/methods.md).
 
 Conditions are strict `>` on `cls_score` ('cls') or on the same-category `iou` ('iou') and compare
 in the column's dtype (float32), as `df.cls_score > 0.6` does. Keys are written `cls>0.05`, ...,
@@ -8,6 +8,8 @@ candidates.parquet, 'post_nms' its kept rows.
 
 Public API (all return DataFrames or dicts; nothing is drawn here):
 - CONDITIONS: [(key, quantity, threshold)] in Table 1 order; condition_key(quantity, t) -> str
+- CONDITION_KEYS (and CLS_/IOU_CONDITION_KEYS), STAGE_ORDER, STAGE_TITLES: the conditions and stage labels
+  the report shows, defined here only
 - image_positions(images, image_ids, what) -> [N] int64 (InputError for unknown ids)
 - per_image_counts(ledger) -> wide DataFrame, index image_id, columns (stage, condition)
 - stage_totals(per_image, pre_nms=True) -> {"counts", "survival", "proportions"} of metrics.json
@@ -43,6 +45,15 @@ def condition_key(quantity: str, threshold: float) -> str:
 
 CONDITIONS = [(condition_key(q, t), q, t) for q in ("cls", "iou") for t in THRESHOLDS[q]]
 POSITIVE = condition_key("iou", POSITIVE_IOU)  # the anchors stage's Positive_NUM: 'iou>0.5'
+CONDITION_KEYS = tuple(key for key, _, _ in CONDITIONS)  # 'cls>0.05', ..., 'iou>0.9': Table 1's eleven
+CLS_CONDITION_KEYS = tuple(key for key, q, _ in CONDITIONS if q == "cls")
+IOU_CONDITION_KEYS = tuple(key for key, q, _ in CONDITIONS if q == "iou")
+# Stage headings of the tables (Table 1 summed over images, the quadrant tables, the figures).
+STAGE_TITLES = {"anchors": "positive anchors", "raw": "raw (all anchors' boxes)", "pre_nms": "before NMS",
+                "post_nms": "after NMS"}
+# Per-detector Table 1 headings: its anchors block lists 'rows' (every anchor) beside 'iou>0.5', so it
+# is headed 'anchors', not 'positive anchors'.
+TABLE1_STAGE_TITLES = {**STAGE_TITLES, "anchors": "anchors", "raw": "raw (every anchor's box)"}
 
 
 def image_positions(images: pd.DataFrame, image_ids: np.ndarray, what: str) -> np.ndarray:

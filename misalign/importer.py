@@ -1,4 +1,4 @@
-"""`misalign import`: a ledger from another detector's predictions (DESIGN.md §3.3).
+"""`misalign import`: a ledger from another detector's predictions (docs/ledger.md).
 
 Inputs, chosen by the file's suffix:
 - `.json`: COCO results (a list of {image_id, category_id, bbox [x, y, w, h], score}). These are
@@ -22,12 +22,12 @@ Truth columns (iou, gt_id, iou_any, crowd) come from the ground truth (misalign.
 images.parquet lists every image of the ground truth with num_anchors and num_pos_anchors -1
 (unknown); raw_counts.parquet is empty. The ledger is written atomically.
 
-torch is needed only for the NMS of a table without `kept` (imported lazily there); everything else
-runs without it. Bad input raises InputError naming the file and the first offending row (rows
+torch is needed only for the NMS of a table without `kept` (misalign.nms, imported there); everything
+else runs without it. Bad input raises InputError naming the file and the first offending row (rows
 counted from 0, as `results[i]` / `df.iloc[i]`).
 
 Public API: import_predictions(gt_path, predictions_path, out, *, name=None, nms_thresh=0.5, max_det=100) -> Path;
-read_predictions(path, gt) -> (DataFrame, format); nms_with_attribution(boxes, scores, categories, nms_thresh, max_det).
+read_predictions(path, gt) -> (DataFrame, format). The NMS with attribution is misalign.nms.nms_with_attribution.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from misalign.boxes import box_iou
-from misalign.coco import annotation_arrays, load_coco_json
+from misalign.boxes import nms_suppressors
+from misalign.coco import ground_truth_by_image, load_coco_json
 from misalign.errors import InputError
 from misalign.io import atomic_dir
-from misalign.ledger import LedgerWriter
+from misalign.ledger import LedgerWriter, images_frame
 from misalign.truth import truth_columns
 
 log = logging.getLogger(__name__)
@@ -209,90 +209,7 @@ def _show(value: float) -> str:
     return str(int(value)) if np.isfinite(value) and value == np.round(value) else repr(value)
 
 
-# --- NMS -----------------------------------------------------------------------------------------
-
-
-def _suppressors(boxes, categories, survivor: np.ndarray, nms_thresh: float) -> np.ndarray:
-    """[N] suppressor of each non-survivor: the first survivor (in rank order) of the same category,
-    ranked before it, with IoU > nms_thresh; -1 for survivors and where there is none.
-
-    Rows ordered by rank (score descending); boxes [N, 4] xyxy float64; survivor [N] bool.
-    """
-    result = np.full(len(boxes), -1, np.int64)
-    for category in np.unique(categories[~survivor]):
-        rows = np.flatnonzero(categories == category)  # rank order
-        lost, won = rows[~survivor[rows]], rows[survivor[rows]]
-        if not len(won):
-            continue
-        valid = (box_iou(boxes[lost], boxes[won]) > nms_thresh) & (won[None, :] < lost[:, None])  # [L, W]
-        first = valid.argmax(axis=1)  # survivors are in rank order: the first True is the best
-        result[lost] = np.where(valid.any(axis=1), won[first], -1)
-    return result
-
-
-def nms_with_attribution(boxes, scores, categories, nms_thresh: float = 0.5, max_det: int = 100):
-    """Greedy per-class NMS of one image and who suppressed whom.
-
-    boxes [N, 4] xyxy (float64 used throughout, so the NMS and the attribution see the same IoU),
-    scores [N], categories [N], rows ranked by score descending with ties in row order (the caller
-    sorts; this is torchvision's stable order). Returns kept [N] bool (NMS survivors among the best
-    `max_det` survivors) and suppressed_by [N] int64: the row of the highest-ranked survivor of the
-    same class with IoU > nms_thresh; -1 for every survivor (kept or cut by max_det).
-    NMS is torchvision.ops.nms called per class (torch imported here, lazily): the same greedy
-    algorithm as batched_nms, without its coordinate-offset trick, whose shifted float values could
-    make the attribution's IoU disagree with the NMS's right at the threshold.
-    """
-    import torch
-    from torchvision.ops import nms
-
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    scores = np.asarray(scores, dtype=np.float64)
-    categories = np.asarray(categories)
-    num = len(scores)
-    survivor = np.zeros(num, bool)
-    for category in np.unique(categories):
-        rows = np.flatnonzero(categories == category)
-        if len(rows) == 1:
-            survivor[rows] = True
-            continue
-        keep = nms(torch.from_numpy(boxes[rows]), torch.from_numpy(scores[rows]), float(nms_thresh))
-        survivor[rows[keep.numpy()]] = True
-    survivors = np.flatnonzero(survivor)  # rank order
-    kept = np.zeros(num, bool)
-    kept[survivors[:max_det]] = True
-    suppressed_by = _suppressors(boxes, categories, survivor, nms_thresh)
-    missing = ~survivor & (suppressed_by < 0)
-    if np.any(missing):  # cannot happen with a stable sort; keep the contract if it does
-        log.warning("%d suppressed boxes without a suppressor found; recorded as -1", int(missing.sum()))
-    return kept, suppressed_by
-
-
 # --- the import ----------------------------------------------------------------------------------
-
-
-def _gt_by_image(gt: dict):
-    """{image_id: (boxes, category, ann_id, iscrowd)} slices of the annotation arrays."""
-    arrays = annotation_arrays(gt)
-    order = np.argsort(arrays["image_id"], kind="stable")
-    arrays = {k: v[order] for k, v in arrays.items()}
-    ids, starts = np.unique(arrays["image_id"], return_index=True)
-    ends = np.r_[starts[1:], len(order)]
-    return {int(i): tuple(arrays[k][s:e] for k in ("boxes", "category_id", "ann_id", "iscrowd"))
-            for i, s, e in zip(ids, starts, ends)}
-
-
-def _image_table(gt: dict, gt_by_image: dict) -> pd.DataFrame:
-    images = gt["images"]
-    num_gt = [int(np.count_nonzero(~gt_by_image[im["id"]][3])) if im["id"] in gt_by_image else 0 for im in images]
-    return pd.DataFrame({
-        "image_id": np.array([im["id"] for im in images], np.int64),
-        "file_name": [im["file_name"] for im in images],
-        "width": np.array([im["width"] for im in images], np.int64),
-        "height": np.array([im["height"] for im in images], np.int64),
-        "num_gt": np.array(num_gt, np.int64),
-        "num_anchors": np.full(len(images), -1, np.int64),
-        "num_pos_anchors": np.full(len(images), -1, np.int64),
-    })
 
 
 def _ledger_columns(preds: pd.DataFrame, fmt: str, gt_by_image: dict, nms_thresh: float, max_det: int):
@@ -309,17 +226,20 @@ def _ledger_columns(preds: pd.DataFrame, fmt: str, gt_by_image: dict, nms_thresh
     starts = np.r_[0, np.flatnonzero(image_ids[1:] != image_ids[:-1]) + 1] if num else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], num]
     given_kept = preds["kept"].to_numpy() if "kept" in preds.columns else None
+    if fmt == "table" and given_kept is None:
+        from misalign import nms  # torch: only this NMS needs it
+
     for s, e in zip(starts, ends):
         b, c = boxes[s:e], categories[s:e]
         if fmt == "table" and given_kept is None:
-            kept[s:e], local_sup[s:e] = nms_with_attribution(b, scores[s:e], c, nms_thresh, max_det)
+            kept[s:e], local_sup[s:e] = nms.nms_with_attribution(b, scores[s:e], c, nms_thresh, max_det)
         elif given_kept is not None:
             kept[s:e] = given_kept[s:e]
             # a kept box scored at least as high: rows are ranked, so "ranked before" (ties: row order)
-            local_sup[s:e] = _suppressors(b, c, kept[s:e], nms_thresh)
+            local_sup[s:e] = nms_suppressors(b, c, kept[s:e], nms_thresh)
         gt = gt_by_image.get(int(image_ids[s]))
-        if gt is not None:
-            for name, values in truth_columns(b, c, *gt).items():
+        if gt is not None and len(gt["ann_id"]):  # no ground truth: the defaults above (iou 0, gt_id -1)
+            for name, values in truth_columns(b, c, gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"]).items():
                 truth[name][s:e] = values
     return kept, local_sup, truth
 
@@ -337,7 +257,7 @@ def import_predictions(gt_path, predictions_path, out, *, name: str | None = Non
     # rank rows within each image: score descending, ties in input order (as a stable NMS sort does)
     order = np.lexsort((-preds["score"].to_numpy(np.float32), preds["image_id"].to_numpy()))
     preds = preds.iloc[order].reset_index(drop=True)
-    gt_by_image = _gt_by_image(gt)
+    gt_by_image = ground_truth_by_image(gt)
     kept, local_sup, truth = _ledger_columns(preds, fmt, gt_by_image, nms_thresh, max_det)
     frame = preds.assign(kept=kept, suppressed_by=local_sup, **truth)
     if fmt == "coco-results":
@@ -358,7 +278,7 @@ def import_predictions(gt_path, predictions_path, out, *, name: str | None = Non
         "pre_nms": pre_nms,
     }
     with atomic_dir(out) as tmp, LedgerWriter(tmp) as writer:
-        writer.add_images(_image_table(gt, gt_by_image))
+        writer.add_images(images_frame(gt["images"], gt_by_image))
         image_ids = frame["image_id"].to_numpy()
         bounds = np.r_[0, np.flatnonzero(image_ids[1:] != image_ids[:-1]) + 1, len(frame)] if len(frame) else [0]
         for k in range(0, len(bounds) - 1, IMAGES_PER_CHUNK):

@@ -1,4 +1,4 @@
-"""The ledger: a dump folder holding every candidate box a detector considered (DESIGN.md §3.3).
+"""The ledger: a dump folder holding every candidate box a detector considered (docs/ledger.md).
 
 Files of a ledger folder:
 - `candidates.parquet` (CANDIDATE_SCHEMA): one row per (anchor, class) pair that entered NMS.
@@ -278,6 +278,25 @@ class LedgerWriter:
         ]
         self._detections.write(("," if self._num_kept else "") + "\n" + ",\n".join(parts))
         self._num_kept += len(parts)
+
+
+def images_frame(infos: list[dict], gt_by_image: dict, anchor_counts: dict | None = None) -> pd.DataFrame:
+    """images.parquet rows: one per COCO image info ({id, file_name, width, height}), in the order given.
+
+    gt_by_image: misalign.coco.ground_truth_by_image (num_gt counts its non-crowd boxes);
+    anchor_counts: image id -> (num_anchors, num_pos_anchors), None: unknown (-1, e.g. an import).
+    """
+    ids = [int(info["id"]) for info in infos]
+    unknown = (-1, -1)
+    return pd.DataFrame({
+        "image_id": np.asarray(ids, np.int64),
+        "file_name": [info["file_name"] for info in infos],
+        "width": np.asarray([int(info["width"]) for info in infos], np.int64),
+        "height": np.asarray([int(info["height"]) for info in infos], np.int64),
+        "num_gt": np.asarray([int((~gt_by_image[i]["iscrowd"].astype(bool)).sum()) for i in ids], np.int64),
+        "num_anchors": np.asarray([(anchor_counts or {}).get(i, unknown)[0] for i in ids], np.int64),
+        "num_pos_anchors": np.asarray([(anchor_counts or {}).get(i, unknown)[1] for i in ids], np.int64),
+    })
 
 
 def _image_runs(image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

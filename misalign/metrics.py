@@ -1,4 +1,4 @@
-"""metrics.json for one or more dumps (DESIGN.md §3.4), and the tables behind the report.
+"""metrics.json for one or more dumps, and the tables behind the report (docs/architecture.md: who writes it).
 
 `analyze(ledger, gt)` reads what it needs once and returns an `Analysis`: the metrics.json entry
 of the detector, the per-image counts (Table 1, Figure 2), the per-gt Spearman table and the

@@ -28,48 +28,15 @@ AP(oracle) − AP(actual); actual is the dump's own kept rows ranked by its own 
 Scores are float64 computed from the stored float32 columns; ties in a ranking are broken by row
 order (cand_id order in a ledger) in the NMS (torchvision sorts stably) and in the max_det cut alike.
 
-How the NMS is batched. One `torchvision.ops.nms` call over the whole pool with batched_nms's
-coordinate offset cannot work on a COCO-sized pool (5 M candidates in 400 k (image, category)
-groups): the CPU kernel compares every survivor with every later box whatever its group, about
-10^13 comparisons; `batched_nms` itself switches to one call per group beyond 1,000 boxes on CPU,
-each call scanning the whole index (400 k × 5 M); and offsets of up to 400 k × 1,334 px leave
-float32 far too coarse. A Python loop over (image, category) groups would be exact but costs
-~17 µs of call overhead per group (7 s per ranking). So the groups, sorted by (image, category),
-are packed into chunks of whole groups of about CHUNK_ROWS rows; within a chunk each group is
-shifted by (its index in the chunk) × `span`, a power of two larger than the pool's coordinate
-extent (batched_nms's trick with small offsets), in float64, and shifted coordinates stay below
-2^24. Such a shift is used only where it is exact, which is checked row by row rather than
-assumed: (shifted − offset) == original. (The subtraction back is itself exact, the offset being
-an integer and the shifted value a multiple of its own ulp, so the check fails exactly where the
-addition rounded.) Where every coordinate of a chunk shifts exactly, the kernel computes bit for
-bit the IoUs of per-group NMS on the unshifted boxes (translation commutes with max/min and the
-differences are the same reals, rounded once), groups never overlap, and one call per chunk keeps
-exactly what per-(image, category) torchvision NMS keeps: ~20 k calls, about 2 s per ranking on a
-COCO-sized pool, where the COCOeval of each ranking's kept boxes takes ~10 s. A float32 value is
-a multiple of 2^-29 when its magnitude is at least 2^-6 px, below 2^24 float64 holds those sums
-exactly, so ledgers of float32 boxes (the bundled detector's, widened to float64) always take this
-path. An arbitrary float64 coordinate (a two-decimal 10.37 carries 53 significant bits) does not
-survive the addition of 2^20: a chunk holding one such row falls back to one `nms` call per group
-of two or more rows on the unshifted boxes (a lone box always survives, no call), exact again, at
-the loop's ~17 µs per group.
-
-The IoU-guided oracle needs to know which survivor suppressed which box. Per call, the IoU of
-every (survivor, suppressed) pair is recomputed on the same boxes with the kernel's own operations
-in the kernel's order, so the attribution sees the NMS's IoUs bit for bit: a suppressed box belongs
-to the first survivor in NMS order, ranked before it, with IoU > nms_thresh. The pairs span a whole
-chunk (its groups are apart, so cross-group pairs have IoU 0), which makes oracle_nms cost about four
-times one ranking's NMS, once per dump.
-
-torch is needed for the NMS only (imported lazily, as in misalign.importer).
+The NMS itself (torchvision's kernel, batched over the pool) is misalign.nms, the only torch user of
+misalign; this module imports it inside the functions that run NMS.
 
 Public API:
-- DEFAULT_ALPHAS, RESCORE_COLUMNS, CHUNK_ROWS, DEFAULT_MAX_DET
+- DEFAULT_ALPHAS, RESCORE_COLUMNS, DEFAULT_MAX_DET
 - alpha_key(alpha) -> "alpha=0.4"; parse_alphas(text) -> tuple; ranking_names(alphas, has_obj=True) -> list
 - parse_rescore_thresh(value) -> float | None
 - unavailable_reason(meta) -> str | None; nms_settings(meta) -> dict
 - ranking_scores(candidates, alphas) -> ({ranking: [N] score}, {ranking: why skipped})
-- plan_nms(image_id, category_id, boxes) -> NmsPlan; nms_survivors(plan, scores, nms_thresh) -> [N] bool
-- nms_clusters(plan, scores, nms_thresh) -> ([N] bool survivor, [N] int64 suppressor row)
 - cap_per_image(image_id, scores, survivor, max_det) -> [N] bool
 - rescored_kept(candidates, scores, nms_thresh, max_det, plan=None, pool=None) -> [N] bool
 - oracle_nms_kept(candidates, nms_thresh, max_det, plan=None, pool=None) -> ([N] bool, [N] score)
@@ -81,7 +48,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -96,11 +62,9 @@ log = logging.getLogger(__name__)
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(10))  # 0, 0.1, ..., 0.9: the paper's Table 5 grid
 RESCORE_COLUMNS = ("image_id", "category_id", "x1", "y1", "x2", "y2", "w", "h", "cls_score", "obj_score",
                    "score", "kept", "iou")  # the candidates columns rescoring reads
-CHUNK_ROWS = 256  # rows per torchvision nms call (whole groups); 128-512 measured equally fast
 DEFAULT_MAX_DET = 100  # when meta.json has no postprocess.max_det (COCO's maxDets)
 AP_KEYS = ("AP", "AP50", "AP75")  # what each ranking reports
 ORACLES = ("oracle_nms", "oracle")  # rankings that read the true IoU, in table order
-_OFFSET_LIMIT = 2 ** 24  # shifted coordinates stay below this (float64 then holds float32 values exactly)
 
 
 # --- rankings ------------------------------------------------------------------------------------
@@ -209,167 +173,7 @@ def nms_settings(meta: dict) -> dict:
             "max_det_source": "meta.json" if known else "default"}
 
 
-# --- NMS -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class NmsPlan:
-    """The pool grouped by (image, category) for NMS, ranking-independent (built once per dump).
-
-    Sorted positions hold the rows by (image, category, row). Each `nms` call covers consecutive
-    sorted positions: a chunk of whole groups, each offset within it, where every shift is exact;
-    otherwise one group of two or more rows, unshifted. One-row groups of such chunks need no call.
-    """
-
-    order: np.ndarray  # [N] pool row at each sorted position
-    chunks: list  # [C] torch float64 [n_c, 4] boxes of each nms call (offset groups, or one unshifted group)
-    starts: np.ndarray  # [C] first sorted position of each call
-    singles: np.ndarray  # [M] sorted positions of one-row groups outside every call (they always survive)
-    span: float  # offset between consecutive groups of a chunk (px, a power of two)
-    inexact_chunks: int = 0  # chunks that fell back to per-group calls (some shifted coordinate rounded)
-
-
-def _group_starts(image_id: np.ndarray, category_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row order sorted by (image, category, row) [N] and the first sorted position of each group [G]."""
-    rows = np.arange(len(image_id))
-    order = np.lexsort((rows, category_id, image_id))
-    img, cat = image_id[order], category_id[order]
-    changed = (img[1:] != img[:-1]) | (cat[1:] != cat[:-1])
-    return order, np.r_[0, np.flatnonzero(changed) + 1].astype(np.int64)
-
-
-def _chunk_layout(group_starts: np.ndarray, chunk_rows: int):
-    """Chunk start positions [C], each group's index within its chunk [G] and each group's chunk [G].
-
-    A group joins the chunk its first position falls in (position // chunk_rows), so a chunk holds
-    at most chunk_rows groups and may run past chunk_rows rows by its last group only.
-    """
-    chunk_of_group = group_starts // chunk_rows  # [G]
-    first_group = np.r_[0, np.flatnonzero(np.diff(chunk_of_group)) + 1]  # [C]
-    groups_per_chunk = np.diff(np.r_[first_group, len(group_starts)])  # [C]
-    local = np.arange(len(group_starts)) - np.repeat(first_group, groups_per_chunk)  # [G]
-    return group_starts[first_group], local, np.repeat(np.arange(len(first_group)), groups_per_chunk)
-
-
-def plan_nms(image_id, category_id, boxes, chunk_rows: int = CHUNK_ROWS) -> NmsPlan:
-    """Group the pool for `nms_survivors` (see the module doc for the offsets and when they are used).
-
-    image_id, category_id [N]; boxes [N, 4] x1, y1, x2, y2 in pixels (float32 or float64).
-    """
-    import torch
-
-    image_id, category_id = np.asarray(image_id), np.asarray(category_id)
-    boxes = np.asarray(boxes).reshape(-1, 4)
-    num = len(image_id)
-    if num == 0:
-        return NmsPlan(order=np.zeros(0, np.int64), chunks=[], starts=np.zeros(0, np.int64),
-                       singles=np.zeros(0, np.int64), span=1.0)
-    order, group_starts = _group_starts(image_id, category_id)
-    shift = math.floor(float(boxes[:, :2].min()))  # all shifted coordinates >= 0, so offset groups never meet
-    extent = float(boxes[:, 2:].max()) - shift
-    span = 2.0 ** max(0, math.ceil(math.log2(extent + 1.0)))  # > extent
-    chunk_rows = int(max(1, min(chunk_rows, _OFFSET_LIMIT // span)))  # (groups per chunk) * span <= 2^24
-    starts, local, chunk_of_group = _chunk_layout(group_starts, chunk_rows)
-    group_sizes = np.diff(np.r_[group_starts, num])  # [G]
-    offset = np.repeat(local * span - shift, group_sizes)[:, None]  # [N, 1] integers, exact in float64
-    original = boxes[order].astype(np.float64)  # [N, 4]
-    shifted = original + offset  # [N, 4]
-    exact_row = ((shifted - offset) == original).all(axis=1)  # [N] the addition did not round
-    exact_chunk = np.logical_and.reduceat(exact_row, starts)  # [C]
-    ends = np.r_[starts[1:], num]
-    calls = [(s, shifted[s:e]) for s, e in zip(starts[exact_chunk].tolist(), ends[exact_chunk].tolist())]
-    # a chunk with a rounded coordinate: its groups one by one on the original boxes
-    fallback = ~exact_chunk[chunk_of_group]  # [G]
-    multi = fallback & (group_sizes > 1)
-    calls += [(s, original[s:s + n]) for s, n in zip(group_starts[multi].tolist(), group_sizes[multi].tolist())]
-    calls.sort(key=lambda call: call[0])
-    singles = group_starts[fallback & (group_sizes == 1)]
-    if not exact_chunk.all():
-        log.debug("NMS plan: %d of %d chunks shift inexactly (float64 coordinates); %d per-group calls instead",
-                  int((~exact_chunk).sum()), len(starts), int(multi.sum()))
-    return NmsPlan(order=order, chunks=[torch.from_numpy(np.ascontiguousarray(b)) for _, b in calls],
-                   starts=np.array([s for s, _ in calls], np.int64), singles=singles.astype(np.int64), span=span,
-                   inexact_chunks=int((~exact_chunk).sum()))
-
-
-def _calls(plan: NmsPlan, scores, nms_thresh: float):
-    """Yield (first sorted position, boxes [n, 4] tensor, scores [n] tensor, keep [k] tensor) per nms call.
-
-    keep: positions within the call in NMS order (score descending, ties in row order).
-    """
-    import torch
-    from torchvision.ops import nms
-
-    sorted_scores = torch.from_numpy(np.ascontiguousarray(np.asarray(scores, np.float64)[plan.order]))  # [N]
-    for boxes, start in zip(plan.chunks, plan.starts.tolist()):
-        call_scores = sorted_scores[start:start + len(boxes)]
-        yield start, boxes, call_scores, nms(boxes, call_scores, float(nms_thresh))
-
-
-def nms_survivors(plan: NmsPlan, scores, nms_thresh: float) -> np.ndarray:
-    """[N] bool, row order: the survivors of greedy NMS per (image, category) ranked by `scores` [N].
-
-    torchvision.ops.nms per call of the plan (IoU > nms_thresh suppresses; ties in row order).
-    """
-    import torch
-
-    num = len(plan.order)
-    survivor = np.zeros(num, bool)
-    if num == 0:
-        return survivor
-    starts, keeps = [], []
-    for start, _, _, keep in _calls(plan, scores, nms_thresh):
-        starts.append(start)
-        keeps.append(keep)
-    if keeps:
-        lengths = torch.tensor([len(k) for k in keeps])
-        positions = torch.cat(keeps) + torch.tensor(starts, dtype=torch.int64).repeat_interleave(lengths)
-        survivor[plan.order[positions.numpy()]] = True
-    survivor[plan.order[plan.singles]] = True
-    return survivor
-
-
-def _kernel_iou(first: np.ndarray, later: np.ndarray) -> np.ndarray:
-    """[K, 4], [S, 4] xyxy float64 -> [K, S] IoU, computed as torchvision's CPU nms kernel does.
-
-    Same operations in the same order (area (x2 − x1)·(y2 − y1), w = max(0, min x2 − max x1),
-    inter / ((area_first + area_later) − inter)), so a comparison with the threshold agrees with
-    the NMS's bit for bit; no clipping of areas (the kernel has none). 0/0 gives NaN, never > thresh.
-    """
-    area_first = (first[:, 2] - first[:, 0]) * (first[:, 3] - first[:, 1])  # [K]
-    area_later = (later[:, 2] - later[:, 0]) * (later[:, 3] - later[:, 1])  # [S]
-    w = np.maximum(0.0, np.minimum(first[:, None, 2], later[None, :, 2]) - np.maximum(first[:, None, 0], later[None, :, 0]))
-    h = np.maximum(0.0, np.minimum(first[:, None, 3], later[None, :, 3]) - np.maximum(first[:, None, 1], later[None, :, 1]))
-    inter = w * h  # [K, S]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return inter / ((area_first[:, None] + area_later[None, :]) - inter)
-
-
-def nms_clusters(plan: NmsPlan, scores, nms_thresh: float) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy NMS per (image, category) as `nms_survivors`, and who suppressed whom.
-
-    scores [N]. Returns survivor [N] bool and suppressor [N] int64 (row order): the row of the first
-    survivor, in NMS order, ranked before the row with IoU > nms_thresh; -1 for survivors.
-    """
-    num = len(plan.order)
-    survivor = np.zeros(num, bool)
-    suppressor = np.full(num, -1, np.int64)
-    for start, boxes, call_scores, keep in _calls(plan, scores, nms_thresh):
-        keep = keep.numpy()  # [K] NMS order
-        rows = plan.order[start:start + len(boxes)]  # [n]
-        survivor[rows[keep]] = True
-        lost = np.setdiff1d(np.arange(len(boxes)), keep)  # [S]
-        if not len(lost):
-            continue
-        rank = np.empty(len(boxes), np.int64)  # [n] NMS order: score descending, ties in row order (stable)
-        rank[np.argsort(-call_scores.numpy(), kind="stable")] = np.arange(len(boxes))
-        box = boxes.numpy()
-        valid = (_kernel_iou(box[keep], box[lost]) > nms_thresh) & (rank[keep][:, None] < rank[lost][None, :])  # [K, S]
-        first = valid.argmax(axis=0)  # [S] keep is in NMS order: the first True is the suppressor
-        # every suppressed row has one (the IoUs are the kernel's own); -1 would only mark a broken kernel
-        suppressor[rows[lost]] = np.where(valid.any(axis=0), rows[keep][first], -1)
-    survivor[plan.order[plan.singles]] = True
-    return survivor, suppressor
+# --- NMS (misalign.nms) -------------------------------------------------------------------------
 
 
 def cap_per_image(image_id, scores, survivor, max_det: int) -> np.ndarray:
@@ -404,6 +208,8 @@ def rescored_kept(candidates: pd.DataFrame, scores, nms_thresh: float, max_det: 
     candidates: image_id, category_id, x1..y2 [N]; plan: `plan_nms` of the same rows (built if None);
     pool: [N] bool, the rows that take part (None: all), e.g. score > --rescore-thresh.
     """
+    from misalign.nms import nms_survivors
+
     image_id = candidates["image_id"].to_numpy(np.int64)
     if plan is None:
         plan = _plan_of(candidates)
@@ -424,6 +230,8 @@ def oracle_nms_kept(candidates: pd.DataFrame, nms_thresh: float, max_det: int, p
     their own); then the best max_det survivors of each image by that score (ties in row order).
     pool: [N] bool, the rows that take part (None: all).
     """
+    from misalign.nms import nms_clusters
+
     image_id = candidates["image_id"].to_numpy(np.int64)
     iou = candidates["iou"].to_numpy(np.float64)  # [N]
     score = candidates["score"].to_numpy(np.float64)  # [N]
@@ -443,6 +251,8 @@ def oracle_nms_kept(candidates: pd.DataFrame, nms_thresh: float, max_det: int, p
 
 
 def _plan_of(candidates: pd.DataFrame) -> NmsPlan:
+    from misalign.nms import plan_nms
+
     return plan_nms(candidates["image_id"].to_numpy(np.int64), candidates["category_id"].to_numpy(np.int64),
                     candidates[["x1", "y1", "x2", "y2"]].to_numpy())
 

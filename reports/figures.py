@@ -12,8 +12,11 @@ a score (a probability, 0-1) on y; dashed lines at 0.5 on both axes; the paper's
 
 from __future__ import annotations
 
+import base64
 import io
 import math
+import struct
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -26,6 +29,8 @@ from matplotlib.colors import LinearSegmentedColormap, LogNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
+from misalign.counts import STAGE_TITLES  # noqa: E402
+
 DPI = 120  # PNG resolution: sharp on screen, small files
 MAX_COLS = 4  # panels per row before wrapping (keeps figures readable with 10 detectors)
 QUADRANT_COLOR = "#d62728"
@@ -36,7 +41,7 @@ SCORE_LABELS = {
     "score": "score (NMS ranking score, 0–1)",
 }
 SHORT = {"cls_score": "cls", "obj_score": "obj", "score": "score"}
-STAGE_LABELS = {"pre_nms": "before NMS", "post_nms": "after NMS"}
+STAGE_LABELS = STAGE_TITLES  # stage -> heading, misalign's
 
 plt.rcParams.update({
     "font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -442,3 +447,128 @@ def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")
     labels = [*names, r"obj$^{\alpha}$·cls$^{1-\alpha}$", "obj alone (α = 1)",
               *(label for _, _, label in RESCORE_LINES), "off scale (value in the table)"]
     return _finish(fig, handles, labels, ncol=min(len(labels), 5))  # two legend rows: the long oracle labels fit
+
+
+# ---------------------------------------------------------------------------------------------
+# the report's figures: a drawing above, its PNG and its two-line caption; `result` is a
+# misalign.compare.CompareResult
+
+
+@dataclass
+class Figure:
+    key: str  # file stem under figures/ and the HTML id
+    png: bytes  # the PNG file
+    explain: tuple[str, str]  # two lines: what it shows, how to read it
+    alt: str = ""  # alt text
+
+    @property
+    def data(self) -> str:
+        return base64.b64encode(self.png).decode("ascii")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels, read from the PNG header."""
+        width, height = struct.unpack(">II", self.png[16:24])
+        return width, height
+
+
+MANY_DETECTORS = 3  # above this, overlays and per-quantity rows crowd: views get one row per detector
+
+
+def _figure(key, fig, explain, alt) -> Figure:
+    return Figure(key=key, png=figure_png(fig), explain=explain, alt=alt)
+
+
+def figure1_figures(result, col: str, palette) -> list[Figure]:
+    """Figure 1 for one score column: the shown images' scatters and the whole split's density."""
+    frames = {d.name: d.shown_rows for d in result.detectors if col != "obj_score" or d.has_obj}
+    hists = {d.name: d.histograms[col] for d in result.detectors if col in d.histograms}
+    bins = len(result.hist_edges) - 1
+    return [
+        per_image_figure(result, frames, col, palette),
+        _figure(f"figure1_{col}_density", figure_score_iou_density(hists, result.hist_edges, col, palette), (
+            f"The same over every image of the split as a 2-D histogram ({bins}×{bins} cells, log colour "
+            "scale): before NMS (top) and after NMS (bottom), one column per detector.",
+            "Mass in the shaded corner = misaligned boxes; a cloud that rises to the right means the score follows "
+            "localisation quality. Compare top and bottom to see which boxes NMS keeps."),
+            f"{col} vs IoU density"),
+    ]
+
+
+def per_image_figure(result, frames, col, palette) -> Figure:
+    """Figure 1 per image: detectors overlaid (the paper's layout) up to MANY_DETECTORS of them; beyond
+    that one row per detector, on the first MANY_DETECTORS images, kept boxes over the grey pool."""
+    short = SHORT[col]
+    shown_ids, post_only, seed = result.shown_ids.tolist(), set(result.post_nms_only), result.settings.seed
+    why = (f"Dashed lines mark 0.5; points in the shaded corner are well localised (IoU > 0.5) but scored "
+           f"{short} < 0.5 — boxes NMS tends to discard in favour of higher-scored, worse boxes.")
+    if len(frames) <= MANY_DETECTORS:
+        figure = figure_score_iou_images(frames, shown_ids, col, palette, post_only=post_only, seed=seed)
+        what = (f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground "
+                f"truth), before NMS (top) and after NMS (bottom); one colour per detector, like the paper's Figure 1.")
+    else:
+        shown_ids = list(shown_ids)[:MANY_DETECTORS]
+        figure = figure_score_iou_images_by_detector(frames, shown_ids, col, palette, post_only=post_only, seed=seed)
+        what = (f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground "
+                f"truth), one row per detector ({len(frames)} are too many to overlay): every candidate before NMS in "
+                "grey, the boxes NMS kept in the detector's colour.")
+    return _figure(f"figure1_{col}_images", figure, (what, why), f"{col} vs IoU per image")
+
+
+def figure2_figures(result, palette) -> list[Figure]:
+    with_pre = [d for d in result.detectors if d.pre_nms]
+    if not with_pre:
+        return []
+    detectors = result.metrics["detectors"]
+    proportions = {d.name: detectors[d.name]["proportions"] for d in with_pre}
+    survival = {d.name: detectors[d.name]["survival"] for d in with_pre}
+    per_image = {d.name: d.per_image_proportions for d in with_pre}
+    return [
+        _figure("figure2_proportions", figure_proportions(proportions, survival, palette), (
+            "Left: share of boxes meeting each condition before NMS (solid) and after NMS (dashed), over the whole "
+            "split. Right: survival rate of each condition, i.e. kept boxes / pre-NMS boxes meeting it.",
+            "The paper's headline: the iou>0.5 share drops through NMS while the cls>0.5 share does not — NMS "
+            "selects by score, so well-localised low-score boxes are suppressed."),
+            "proportions before and after NMS"),
+        _figure("figure2_per_image", figure_proportions_per_image(per_image, palette), (
+            f"Per image (the first {result.settings.num_images}), share of boxes with cls > 0.5 (circles) and IoU > 0.5 "
+            "(triangles) before NMS (solid) and after NMS (dashed), like the paper's Figure 2.",
+            "A dashed triangle line below the solid one means NMS lowered the share of well-localised boxes in that "
+            "image."),
+            "proportions per image"),
+    ]
+
+
+def correlation_section_figure(result, palette) -> Figure:
+    corr = {n: result.metrics["detectors"][n]["correlation"] for n in result.names}
+    return _figure("correlation", figure_correlation(corr, palette), (
+        "Left: Spearman ρ between each score column and IoU with its 95% bootstrap CI (over images), per detector. "
+        "Right: divergence = (1 − mean per-gt Spearman ρ)/2 over ground-truth boxes with ≥ 3 candidates.",
+        "ρ towards 1 and divergence towards 0 mean the score ranks a box's candidates by localisation quality; "
+        "divergence 0.5 means the ranking is unrelated to IoU."),
+        "correlation and divergence")
+
+
+def ap_section_figure(result, palette) -> Figure:
+    ap = {n: result.metrics["detectors"][n]["ap"] for n in result.names}
+    return _figure("coco_ap", figure_ap(ap, palette), (
+        "COCO AP (%) of each detector at a glance: overall, at IoU 0.5 and 0.75, and by object size.",
+        "Bars are the numbers of the table above ×100."), "COCO AP")
+
+
+def rescoring_section_figure(result, palette) -> Figure | None:
+    # Only detectors with an α sweep: the others' cls and oracle rows are in the table.
+    sweeps = result.sweeps
+    if not sweeps:
+        return None
+    return _figure("rescoring", figure_rescoring(sweeps, palette), (
+        "COCO AP, AP50 and AP75 after NMS ranked by obj^α·cls^(1−α), against α (solid, one colour per "
+        "detector with an object-confidence branch; the hollow marker at α = 1 is obj alone); horizontal lines: "
+        "cls alone (dashed), cls·obj (dash-dot), oracle_nms, IoU-guided NMS by true IoU keeping the cluster's best "
+        "score (dotted), and the oracle, true IoU as ranking and score (loosely dotted). The axis fits the curves: "
+        "an oracle_nms, oracle or obj-alone value beyond it is a triangle on that edge (oracle_nms filled, at the "
+        "left; oracle filled, at the middle; obj hollow, at the right).",
+        "A curve above the dashed cls line means object confidence helps NMS keep well-localised boxes; "
+        "oracle_nms's distance above the curves is AP that a better choice of box within each cluster would "
+        "recover; the oracle also ranks every false positive last, an upper bound beyond misalignment."),
+        "AP against alpha")

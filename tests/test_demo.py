@@ -7,7 +7,7 @@ recorders that write the files each real step would leave behind.
 import pytest
 from click.testing import CliRunner
 
-import detector.demo as demo
+import pipeline as demo
 import reports
 from cli import main
 from detector.model import MODEL_NAMES

@@ -212,7 +212,7 @@ def test_candidates_folder_of_parts_reads_validates_and_analyses_like_one_file(t
     import shutil
 
     from misalign.metrics import STREAMED_ANALYSIS_COLUMNS, analyze
-    from reports.synthetic import synthetic_ledger
+    from misalign.synthetic import synthetic_ledger
 
     gt = synthetic_ledger(tmp_path / "one", num_images=12, cands_per_image=80, seed=3, gt_path=tmp_path / "gt.json")
     shutil.copytree(tmp_path / "one", tmp_path / "parts")

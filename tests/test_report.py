@@ -2,7 +2,7 @@
 with metrics.json, a few headline numbers match plain pandas / scipy / pycocotools, the page holds
 every section with decodable embedded figures, it degrades gracefully, and bad input is one line.
 
-The ledgers are synthetic (reports.synthetic, written through misalign.ledger.LedgerWriter), plus
+The ledgers are synthetic (misalign.synthetic, written through misalign.ledger.LedgerWriter), plus
 one made by `misalign import` from COCO results (post-NMS only).
 """
 
@@ -25,7 +25,7 @@ from scipy import stats
 
 from cli import main
 from misalign.cocoeval import ENGINE_NAMES
-from reports.synthetic import synthetic_ledger
+from misalign.synthetic import synthetic_ledger
 
 SIZES = dict(num_images=10, cands_per_image=120, num_categories=4, gt_per_image=4, kept_per_image=15)
 REPORT_ARGS = ["--images", "2", "--bootstrap", "30", "--seed", "3"]
@@ -94,7 +94,7 @@ def test_metrics_json_is_compute_metrics_unchanged(ledgers, pair_report):
         name: compute_metrics(ledgers[name], ledgers["gt"], min_iou=0.5, bootstrap=30, seed=3)
         for name in ("base", "conf")}}
     assert metrics == json_normalised(expected)
-    # the keys of DESIGN.md §3.4
+    # the keys of metrics.json (misalign.metrics.metrics_document)
     assert list(metrics) == ["schema", "detectors"] and list(metrics["detectors"]) == ["base", "conf"]
     conditions = [f"cls>{t:g}" for t in (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)] + [f"iou>{t:g}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)]
     for name, m in metrics["detectors"].items():
@@ -269,7 +269,7 @@ def test_no_obj_and_post_nms_only_dumps_degrade_gracefully(ledgers, tmp_path):
 
 def test_ten_detectors_share_one_palette_and_stay_in_rows():
     from reports.figures import detector_palette
-    from reports.html import coco_frame
+    from misalign.compare import coco_frame
 
     names = [f"det{i}" for i in range(10)]
     palette = detector_palette(names)
@@ -439,7 +439,7 @@ def test_synthetic_ledger_is_deterministic(tmp_path):
 
 
 def test_images_shown_one_by_one_are_the_first_with_ground_truth():
-    from reports.build import images_to_show
+    from misalign.compare import images_to_show
 
     images = pd.DataFrame({"image_id": [10, 11, 12, 13, 14], "num_gt": [0, 3, 0, 1, 2]})
     assert images_to_show(images, 2).tolist() == [11, 13]  # skips the empty images 10 and 12

@@ -22,7 +22,7 @@ from reference import slow_iou
 
 from cli import main
 from misalign.errors import InputError
-from reports.synthetic import synthetic_ledger
+from misalign.synthetic import synthetic_ledger
 
 SIZES = dict(num_images=12, cands_per_image=150, num_categories=4, gt_per_image=4, kept_per_image=10)
 RANKINGS = ("cls", "obj", "cls*obj", "alpha=0.4", "oracle")  # the per-row score rankings checked one by one
@@ -205,7 +205,7 @@ def test_nms_matches_slow_greedy_reference(conf, ranking):
 
 
 def test_nms_agrees_with_the_importers_per_image_nms(conf):
-    from misalign.importer import nms_with_attribution
+    from misalign.nms import nms_with_attribution
     from misalign.rescore import ranking_scores, rescored_kept
 
     ledger, _ = conf
@@ -229,7 +229,7 @@ def test_chunk_offsets_keep_groups_apart_and_iou_ties_exact():
     would suppress each other. If the offsets rounded a coordinate (as float32 offsets do: 484 of the
     600 survive then), IoU(b1, b2) would move off 0.5. So exactly b1 and b2 of every group survive.
     """
-    from misalign.rescore import nms_survivors, plan_nms
+    from misalign.nms import nms_survivors, plan_nms
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1500, 100).astype(np.float32)  # [100]
@@ -268,7 +268,7 @@ def test_float64_two_decimal_boxes_at_the_threshold_match_per_group_torchvision_
     import torch
     from torchvision.ops import nms
 
-    from misalign.rescore import nms_survivors, plan_nms
+    from misalign.nms import nms_survivors, plan_nms
 
     rng = np.random.default_rng(1)
     n = 3000

@@ -1,13 +1,17 @@
-"""A synthetic ledger (DESIGN.md §3.3) and its ground truth, for tests, the benchmark and demos.
+"""A synthetic ledger (docs/ledger.md) and its ground truth, for tests, the benchmarks and demos.
+
+A producer of ledgers like the bundled detector's dump and misalign.importer (docs/architecture.md),
+it writes through misalign.ledger.LedgerWriter and takes its truth columns from misalign.truth.
 
 The candidates imitate a one-stage detector: boxes are jittered around ground-truth boxes (so their
 IoU spans 0..1) plus a share of background boxes; `cls_score` follows IoU only weakly (the papers'
 misalignment), `obj_score` follows it more closely, and the kept set imitates NMS: at most one
 candidate per (image, category, source object) survives, then the best `kept_per_image` by score.
 Every truth column (`iou`, `gt_id`, `iou_any`) is computed from the boxes as written (float32) with
-COCO's IoU against the non-crowd ground truth, so the ledger is internally consistent.
+COCO's IoU against the non-crowd ground truth (misalign.truth.match_truth), so the ledger is internally
+consistent.
 
-Everything is vectorised over images: 5,000 images x 1,000 candidates take a few seconds.
+The candidates are generated vectorised over images; the truth columns are matched image by image.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pandas as pd
 
 from misalign.io import atomic_dir, write_json_atomic
 from misalign.ledger import LedgerWriter
-from misalign.truth import CLS_THRESHOLDS, IOU_THRESHOLDS
+from misalign.truth import CLS_THRESHOLDS, IOU_THRESHOLDS, match_truth
 
 
 
@@ -103,42 +107,21 @@ def _padded_gt(coco: dict, image_ids: np.ndarray):
     return boxes, cats, ids, crowd, valid
 
 
-def _iou_batched(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """[B, C, 4], [B, G, 4] xyxy -> [B, C, G] COCO IoU (no +1), float64."""
-    lt = np.maximum(pred[:, :, None, :2], gt[:, None, :, :2])
-    rb = np.minimum(pred[:, :, None, 2:], gt[:, None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_p = np.prod(np.clip(pred[..., 2:] - pred[..., :2], 0, None), axis=-1)
-    area_g = np.prod(np.clip(gt[..., 2:] - gt[..., :2], 0, None), axis=-1)
-    union = area_p[:, :, None] + area_g[:, None, :] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
+def truth_columns(pred_xyxy, pred_cat, gt_boxes, gt_cats, gt_ids, gt_crowd, gt_valid):
+    """iou, gt_id, iou_any for candidates laid out [I, C] against padded gt [I, G] (misalign.truth.match_truth
+    image by image, the rule every ledger writer uses).
 
-
-def truth_columns(pred_xyxy, pred_cat, gt_boxes, gt_cats, gt_ids, gt_crowd, gt_valid, chunk=256):
-    """iou, gt_id, iou_any for candidates laid out [I, C] against padded gt [I, G].
-
-    pred_xyxy [I, C, 4] float32 (as stored), pred_cat [I, C]. `iou`: max IoU with a non-crowd gt of
-    the same category (0 if none), `gt_id` its annotation id (-1 if the max is 0), `iou_any`: the
-    same over every category. Returns three [I, C] arrays (float32, int64, float32).
+    pred_xyxy [I, C, 4] float32 (as stored), pred_cat [I, C]. Returns three [I, C] arrays (float32,
+    int64, float32).
     """
     num_images, num_cands = pred_cat.shape
     iou = np.zeros((num_images, num_cands), np.float32)
     gt_id = np.full((num_images, num_cands), -1, np.int64)
     iou_any = np.zeros((num_images, num_cands), np.float32)
-    for s in range(0, num_images, chunk):
-        e = min(s + chunk, num_images)
-        pairwise = _iou_batched(pred_xyxy[s:e].astype(np.float64), gt_boxes[s:e])  # [B, C, G]
-        usable = (gt_valid[s:e] & ~gt_crowd[s:e])[:, None, :]  # [B, 1, G]
-        any_iou = np.where(usable, pairwise, 0.0)
-        iou_any[s:e] = any_iou.max(axis=2)
-        same = any_iou * (pred_cat[s:e, :, None] == gt_cats[s:e, None, :])
-        best = same.argmax(axis=2)  # [B, C]
-        best_iou = np.take_along_axis(same, best[..., None], axis=2)[..., 0]
-        iou[s:e] = best_iou
-        ids = np.take_along_axis(np.broadcast_to(gt_ids[s:e, None, :], same.shape), best[..., None], axis=2)[..., 0]
-        gt_id[s:e] = np.where(best_iou > 0, ids, -1)
+    for i in range(num_images):
+        valid = gt_valid[i]  # [G] the padding is no ground truth
+        iou[i], gt_id[i], iou_any[i] = match_truth(pred_xyxy[i].astype(np.float64), pred_cat[i], gt_boxes[i][valid],
+                                                   gt_cats[i][valid], gt_ids[i][valid], gt_crowd[i][valid])
     return iou, gt_id, iou_any
 
 
@@ -355,7 +338,7 @@ def _meta(cfg: SyntheticConfig, gt_path: Path) -> dict:
     formula = "obj^alpha*cls^(1-alpha)" if cfg.with_obj else "cls"
     return {
         "pre_nms": not cfg.post_nms_only,
-        "detector": {"name": cfg.name, "config": {**asdict(cfg), "source": "reports.synthetic"}},
+        "detector": {"name": cfg.name, "config": {**asdict(cfg), "source": "misalign.synthetic"}},
         "checkpoint_sha256": None,
         "dataset": {"ann": str(Path(gt_path).resolve()), "images": None, "split": "synthetic"},
         "postprocess": {"score_thresh": 0.05, "topk": 1000, "nms_thresh": 0.5, "max_det": cfg.kept_per_image,

@@ -1,5 +1,8 @@
 """`misalign demo`: the whole pipeline on the built-in shapes dataset, the first thing a newcomer runs.
 
+It sits above the three packages (docs/architecture.md): it drives `detector` (train, dump), whose
+ledgers `reports` renders through `misalign`, so that `detector` itself never imports `reports`.
+
 shapes dataset -> train `retinanet` and `retinanet-conf` (CPU defaults) -> dump both -> one
 comparison report. With `models=MODEL_NAMES` and `rescore=True` the same steps build the zoo of
 docs/methods.md: every variant, compared in one report with the counterfactual rescoring.
@@ -51,9 +54,9 @@ def run_demo(out: str | Path, *, models: tuple[str, ...] = DEMO_MODELS, rescore:
                             device=device, workers=0 if workers is None else workers, raw_images=4))
         dumps.append(ledger)
     log.info("[4/4] report comparing %s", ", ".join(models))
-    from reports import write_report
+    import reports  # looked up at call time: the report is the last step, and tests record it
 
-    return write_report([str(d) for d in dumps], str(out / "report"), before_after_nms=True, rescore=rescore)
+    return reports.write_report([str(d) for d in dumps], str(out / "report"), before_after_nms=True, rescore=rescore)
 
 
 def _train_once(name: str, data: Path, run: Path, device: str, workers: int | None, seed: int, label: str) -> None:
