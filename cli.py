@@ -259,6 +259,28 @@ def capture_torchvision(model, weights, num_classes, options, label_map, data, s
     click.echo(capture(config))
 
 
+@capture.command("ultralytics", context_settings={"max_content_width": 100})
+@click.option("--weights", required=True, type=click.Path(), help="YOLO .pt file (v8, 11), or a model .yaml (random weights).")
+@click.option("--label-map", type=click.Path(), help="JSON {class index: category id} [class i = the i-th category by id].")
+@click.option("--data", type=click.Path(), help="Dataset folder in COCO layout.")
+@click.option("--split", default="val", show_default=True, help="Split: annotations/instances_SPLIT.json and SPLIT/.")
+@click.option("--ann", type=click.Path(), help="Annotation file (instead of --data/--split).")
+@click.option("--images", type=click.Path(), help="Image folder (instead of --data/--split).")
+@click.option("--out", required=True, type=click.Path(), help="Dump folder to write (replaced when complete).")
+@click.option("--imgsz", default=640, show_default=True, help="Letterboxed input side.")
+@click.option("--conf", default=0.001, show_default=True, help="Candidate threshold (ultralytics' validation default).")
+@click.option("--iou", default=0.7, show_default=True, help="NMS IoU threshold.")
+@click.option("--max-det", default=300, show_default=True, help="Detections kept per image.")
+@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:0, ...")
+@click.option("--limit", type=int, help="Capture only the first N images (by id).")
+def capture_ultralytics(**options) -> None:
+    """Capture an ultralytics YOLO detector: validation-mode candidates, ultralytics' own NMS."""
+    from detector.capture.ultralytics import UltralyticsConfig, capture as run
+
+    click.echo(run(UltralyticsConfig(**options)))
+
+
 # --- report / demo ----------------------------------------------------------------------------
 
 

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from misalign.coco import load_coco_json
+from misalign.boxes import nms_suppressors
+from misalign.coco import ground_truth_by_image, load_coco_json
 from misalign.errors import InputError
-from misalign.importer import _gt_by_image, _image_table, _suppressors, nms_with_attribution
 from misalign.io import atomic_dir
-from misalign.ledger import LedgerWriter
+from misalign.ledger import LedgerWriter, images_frame
 from misalign.truth import truth_columns
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ class LedgerRecorder:
         self.out, self.gt_path = Path(out), Path(gt)
         self.nms_thresh, self.max_det = float(nms_thresh), int(max_det)
         self.gt = load_coco_json(self.gt_path)
-        self._gt_by_image = _gt_by_image(self.gt)
-        self._known_images = {int(im["id"]) for im in self.gt["images"]}
+        self._gt_by_image = ground_truth_by_image(self.gt)
+        self._infos = {int(im["id"]): im for im in self.gt["images"]}
         self._known_categories = np.asarray(sorted(int(c["id"]) for c in self.gt["categories"]), np.int64)
         self._meta = {
             "detector": detector or {"name": self.out.name, "config": None},
@@ -127,12 +127,10 @@ class LedgerRecorder:
         order = np.lexsort((np.arange(len(frame)), -frame["score"].to_numpy(np.float32)))  # score desc, stable
         frame = frame.iloc[order].reset_index(drop=True)
         kept_sorted, local_sup = self._nms_columns(image_id, frame, order, kept, survived, suppressed_by)
-        gt = self._gt_by_image.get(image_id)
-        truth = truth_columns(frame[["x1", "y1", "x2", "y2"]].to_numpy(), frame["category_id"].to_numpy(), *gt) \
-            if gt is not None else {}
+        gt = self._gt_by_image[image_id]
+        truth = truth_columns(frame[["x1", "y1", "x2", "y2"]].to_numpy(), frame["category_id"].to_numpy(),
+                              gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"])
         frame = frame.assign(kept=kept_sorted, suppressed_by=local_sup, **truth)
-        if gt is None:
-            frame = frame.assign(iou=np.float32(0), gt_id=-1, iou_any=np.float32(0), crowd=False)
         self._added.append(image_id)
         self._seen.add(image_id)
         self._pending.append(frame)
@@ -141,7 +139,7 @@ class LedgerRecorder:
 
     def _frame(self, image_id: int, boxes, labels, scores, **optional) -> pd.DataFrame:
         where = f"{self.gt_path.name}: image_id {image_id}"
-        if image_id not in self._known_images:
+        if image_id not in self._infos:
             raise InputError(f"{where}: not an image of the ground truth")
         if image_id in self._seen:
             raise InputError(f"{where}: added twice")
@@ -178,6 +176,8 @@ class LedgerRecorder:
         if kept is None:
             if suppressed_by is not None:
                 raise InputError(f"image_id {image_id}: suppressed_by given without kept")
+            from misalign.nms import nms_with_attribution  # torch, only when the recorder runs the NMS
+
             return nms_with_attribution(boxes, frame["score"].to_numpy(np.float64), categories,
                                         self.nms_thresh, self.max_det)
         kept = as_numpy(kept).reshape(-1).astype(bool)
@@ -186,7 +186,7 @@ class LedgerRecorder:
         kept = kept[order]
         if suppressed_by is None:
             survivors = kept if survived is None else as_numpy(survived).reshape(-1).astype(bool)[order] | kept
-            return kept, _suppressors(boxes, categories, survivors, self.nms_thresh)
+            return kept, nms_suppressors(boxes, categories, survivors, self.nms_thresh)
         given = as_numpy(suppressed_by, np.int64).reshape(-1)
         if len(given) != len(frame) or np.any((given < -1) | (given >= len(frame))):
             raise InputError(f"image_id {image_id}: suppressed_by must be -1 or a row position of the image")
@@ -201,8 +201,6 @@ class LedgerRecorder:
 
     def _finish(self) -> None:
         self._flush()
-        images = _image_table(self.gt, self._gt_by_image)
-        images = images[images["image_id"].isin(self._added)]
-        self._writer.add_images(images.set_index("image_id").loc[self._added].reset_index())
+        self._writer.add_images(images_frame([self._infos[i] for i in self._added], self._gt_by_image))
         self._writer.close(self._meta)
         log.info("recorded %d images into %s", len(self._added), self.out)

@@ -138,3 +138,62 @@ def test_capture_cli_writes_a_ledger_and_refuses_bad_input(tmp_path, gt_file, ma
         result = runner.invoke(main, [*base, *args, "--out", str(tmp_path / "bad")])
         assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output, result.output
         assert not (tmp_path / "bad").exists()
+
+
+def _lively_yolo():
+    """yolov8n from its yaml (nothing downloaded), class biases raised so that pairs pass conf 0.001."""
+    from detector.capture.ultralytics import load_model
+
+    model = load_model("yolov8n.yaml")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for branch in model.model[-1].cv3:  # the class branch of each level
+            branch[-1].bias.copy_(torch.randn(branch[-1].bias.shape, generator=g) - 7)
+            branch[-1].weight.mul_(20)
+    return model
+
+
+def test_ultralytics_kept_rows_are_its_own_nms_output(tmp_path):
+    from ultralytics.utils.nms import non_max_suppression
+    from ultralytics.utils.ops import scale_boxes
+
+    from detector.capture.ultralytics import UltralyticsConfig, _category_mapper, letterbox, record_batch
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 200 + 20 * i, "height": 150} for i in (1, 2)]
+    categories = [{"id": 100 + c, "name": str(c)} for c in range(80)]  # class i -> category 100 + i
+    (tmp_path / "gt.json").write_text(json.dumps({"images": images, "annotations": [], "categories": categories}))
+    model = _lively_yolo()
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, (im["height"], im["width"], 3), dtype=np.uint8) for im in images]
+    batch = torch.stack([torch.from_numpy(letterbox(a, 160)).permute(2, 0, 1) for a in arrays]).float() / 255
+    with torch.no_grad():
+        raw = model(batch)[0]
+    config = UltralyticsConfig(weights="yolov8n.yaml", out="", imgsz=160, max_det=50)
+    with LedgerRecorder(tmp_path / "d", tmp_path / "gt.json", nms_thresh=config.iou, max_det=config.max_det) as rec:
+        record_batch(rec, raw, [1, 2], [a.shape[:2] for a in arrays], batch.shape[2:], config,
+                     _category_mapper([c["id"] for c in categories], None))
+    validate_ledger(tmp_path / "d")
+    c = read_candidates(tmp_path / "d")
+    # the reference: ultralytics' validation-mode NMS on the same head output, boxes scaled its way
+    expected = non_max_suppression(raw, config.conf, config.iou, multi_label=True, max_det=config.max_det)
+    for image_id, out, array in zip((1, 2), expected, arrays):
+        rows = c[c["image_id"] == image_id]
+        kept = rows[rows["kept"]]
+        assert len(kept) == len(out) == 50 and len(rows) > 1000  # a full pool, cut by max_det
+        boxes = scale_boxes(batch.shape[2:], out[:, :4].clone(), array.shape[:2])
+        np.testing.assert_array_equal(kept[["x1", "y1", "x2", "y2"]].to_numpy(), boxes.numpy().astype(np.float64))
+        np.testing.assert_array_equal(kept["score"].to_numpy(), out[:, 4].numpy())
+        np.testing.assert_array_equal(kept["category_id"].to_numpy(), 100 + out[:, 5].numpy().astype(np.int64))
+        # the pool is validation mode's rule: every (anchor, class) with probability > conf
+        probs = raw[image_id - 1, 4:].T  # [A, nc]
+        assert len(rows) == int((probs > config.conf).sum())
+
+
+def test_capture_ultralytics_cli_bad_input(tmp_path, gt_file, make_coco):
+    info = json.loads(gt_file.read_text())
+    ann, image_dir = make_coco(info["images"], info["annotations"], info["categories"])
+    runner = CliRunner()
+    result = runner.invoke(main, ["capture", "ultralytics", "--weights", str(tmp_path / "none.pt"), "--ann", str(ann),
+                                  "--images", str(image_dir), "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "none.pt: weights file not found" in result.output
+    assert not (tmp_path / "bad").exists()
