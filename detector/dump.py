@@ -3,9 +3,10 @@
 For every image the model's own postprocess (`Detector.predict_with_candidates`, the same code path
 as eval mode) gives every (anchor, class) pair that entered NMS, what NMS did to it, and every
 anchor's decoded box and best class probability. This module maps boxes back to original-image
-pixels, adds the truth columns (IoU with the ground truth) and the raw per-anchor counts, and
-streams it all through `misalign.ledger.LedgerWriter`, one row group per batch, so a COCO-sized
-split never sits in memory. The folder is built beside `out` and renamed only when it is whole.
+pixels and the raw per-anchor counts, and hands it all to `misalign.LedgerRecorder`, the one path
+every capture takes: it adds the truth columns (IoU with the ground truth) and streams the files
+in row groups of many images, so a COCO-sized split never sits in memory. The folder is built
+beside `out` and renamed only when it is whole.
 """
 
 from __future__ import annotations
@@ -27,14 +28,10 @@ from detector.device import autocast, resolve_device
 from detector.model import Detector
 from misalign.coco import ground_truth_by_image, load_coco_json, resolve_dataset
 from misalign.errors import InputError
-from misalign.io import atomic_dir
-from misalign.ledger import LedgerWriter, images_frame
-from misalign.truth import POSITIVE_IOU, match_truth, max_iou_any, raw_counts_rows, threshold_counts, truth_columns
+from misalign.recorder import LedgerRecorder
+from misalign.truth import POSITIVE_IOU, match_truth, max_iou_any, raw_counts_rows, threshold_counts
 
 log = logging.getLogger(__name__)
-
-FLUSH_IMAGES = 64  # images buffered per Parquet row group: bounded memory, few large writes
-
 
 @dataclass
 class DumpConfig:
@@ -76,87 +73,58 @@ def dump(config: DumpConfig) -> Path:
         num_workers=config.workers, collate_fn=collate_detection, pin_memory=device.type == "cuda",
     )
     meta = _meta(config, checkpoint, model, ann_path, images_dir)
-    with atomic_dir(config.out) as tmp, LedgerWriter(tmp) as writer:
-        anchor_counts = _write_batches(writer, model, loader, gt, dataset.category_ids, device, config)
-        writer.add_images(images_frame([dataset.image_info(i) for i in indices], gt, anchor_counts))
-        writer.close(meta)
+    settings = model.postprocess_settings
+    recorder = LedgerRecorder(config.out, ann_path, nms_thresh=settings.nms_thresh, max_det=settings.max_det,
+                              detector=meta.pop("detector"), images=images_dir, split=config.split,
+                              postprocess=meta.pop("postprocess"), extra_meta=meta)
+    with recorder:
+        _record_batches(recorder, model, loader, gt, dataset.category_ids, device, config)
     log.info("wrote %s (%d images)", config.out, len(indices))
     return Path(config.out)
 
 
-def _write_batches(writer, model, loader, gt, category_ids, device, config) -> dict[int, tuple[int, int]]:
-    """Run the model over `loader`, appending each image's rows; returns image id -> anchor counts."""
-    anchor_counts, pending = {}, []
+def _record_batches(recorder, model, loader, gt, category_ids, device, config) -> None:
+    """Run the model over `loader` and hand each image's candidates and anchor counts to the recorder."""
     with tqdm(total=len(loader.dataset), desc="dump", unit="img", dynamic_ncols=True) as bar:
         for images, targets in loader:
             images = [image.to(device, non_blocking=True) for image in images]
             with autocast(device, "bf16" if config.amp and device.type == "cuda" else "none"):  # ignored on CPU
                 outputs = model.predict_with_candidates(images)
             for output, target in zip(outputs, targets):
-                image_id = target["image_id"]
-                rows = image_rows(output, target, gt[image_id], category_ids, with_raw=bar.n < config.raw_images)
-                anchor_counts[image_id] = rows.pop("anchors")
-                pending.append(rows)
+                record_image(recorder, output, target, gt[target["image_id"]], category_ids,
+                             with_raw=bar.n < config.raw_images)
                 bar.update(1)
-            if len(pending) >= FLUSH_IMAGES:
-                _flush(writer, pending)
-        _flush(writer, pending)
-    return anchor_counts
 
 
-def _flush(writer: LedgerWriter, pending: list[dict]) -> None:
-    """Append the buffered images' rows as one row group per file (per-image groups are slow to write)."""
-    for name, add in (("candidates", writer.add_candidates), ("raw_counts", writer.add_raw_counts), ("raw", writer.add_raw)):
-        frames = [rows[name] for rows in pending if name in rows]
-        if frames:
-            add(pd.concat(frames, ignore_index=True))
-    pending.clear()
-
-
-def image_rows(output: dict, target: dict, gt: dict, category_ids: list[int], with_raw: bool = False) -> dict:
-    """The ledger rows of one image from `predict_with_candidates`' output.
+def record_image(recorder, output: dict, target: dict, gt: dict, category_ids: list[int], with_raw: bool = False) -> None:
+    """Hand one image of `predict_with_candidates`' output to a `misalign.LedgerRecorder`.
 
     output: one element of `Detector.predict_with_candidates` (boxes in the dataset's resized
     pixels); target: the dataset's target (its `scale` maps boxes back: original = resized / scale);
-    gt: that image's ground truth from `misalign.coco.ground_truth_by_image` (original pixels, crowd included).
-    Returns `candidates` (DataFrame for LedgerWriter.add_candidates, suppressed_by per image),
-    `raw_counts` (long format), `anchors` (num_anchors, num_pos_anchors) and, with `with_raw`,
-    `raw` (one row per anchor).
+    gt: that image's ground truth from `misalign.coco.ground_truth_by_image` (original pixels, crowd
+    included), for the raw per-anchor counts. The model's own NMS decisions (kept, suppressed_by) are
+    recorded as they are; the recorder adds the truth columns.
     """
     scale = float(target["scale"])
     cand = {key: value.cpu() for key, value in output["candidates"].items()}
     # [K, 4] original pixels, rounded to float32 like the network's own outputs (the ledger holds them
     # exactly as float64; float32 values also keep misalign.rescore's NMS on its fast path)
-    boxes = (cand["boxes"].double() / scale).float().double().numpy()
+    boxes = (cand["boxes"].double() / scale).float().double()
     category = np.asarray(category_ids, dtype=np.int64)[cand["labels"].numpy()]
-    truth = truth_columns(boxes, category, gt["boxes"], gt["category_id"], gt["ann_id"], gt["iscrowd"])
-    candidates = pd.DataFrame({
-        "image_id": np.full(len(boxes), target["image_id"], np.int64),
-        "category_id": category,
-        "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
-        "cls_score": cand["cls_score"].float().numpy(),
-        "obj_score": cand["obj_score"].float().numpy(),
-        "score": cand["score"].float().numpy(),
-        "level": cand["level"].numpy(),
-        "anchor_idx": cand["anchor_idx"].numpy(),
-        "kept": cand["kept"].numpy(),
-        "suppressed_by": cand["suppressed_by"].numpy(),
-        "cl_nms_score": cand["cl_nms_score"].float().numpy(),
-        **truth,
-    })
     raw_boxes = (output["raw_boxes"].double().cpu() / scale).numpy()  # [A, 4] original pixels
     anchors = (output["anchors"].double().cpu() / scale).numpy()  # [A, 4]
     raw_iou = max_iou_any(raw_boxes, gt["boxes"], gt["iscrowd"])  # [A]
     anchor_iou = max_iou_any(anchors, gt["boxes"], gt["iscrowd"])  # [A]
     raw_cls = output["raw_cls"].float().cpu().numpy()  # [A]
-    rows = {
-        "candidates": candidates,
-        "raw_counts": raw_counts_rows(target["image_id"], raw_cls, raw_iou, anchor_iou),
-        "anchors": (len(anchors), int(threshold_counts(anchor_iou, [POSITIVE_IOU])[0])),
-    }
-    if with_raw:
-        rows["raw"] = _raw_frame(output, target["image_id"], raw_boxes, anchors, anchor_iou, gt, category_ids)
-    return rows
+    image_id = target["image_id"]
+    recorder.add(
+        image_id, boxes, category, cand["score"].float(), cls_score=cand["cls_score"].float(),
+        obj_score=cand["obj_score"].float(), level=cand["level"], anchor_idx=cand["anchor_idx"],
+        cl_nms_score=cand["cl_nms_score"].float(), kept=cand["kept"], suppressed_by=cand["suppressed_by"],
+        anchor_counts=(len(anchors), int(threshold_counts(anchor_iou, [POSITIVE_IOU])[0])),
+        raw_counts=raw_counts_rows(image_id, raw_cls, raw_iou, anchor_iou),
+        raw=_raw_frame(output, image_id, raw_boxes, anchors, anchor_iou, gt, category_ids) if with_raw else None,
+    )
 
 
 def _raw_frame(output, image_id, raw_boxes, anchors, anchor_iou, gt, category_ids) -> pd.DataFrame:

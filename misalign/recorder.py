@@ -88,7 +88,8 @@ class LedgerRecorder:
             **(extra_meta or {}),
         }
         self._flush_images = int(flush_images)
-        self._pending: list[pd.DataFrame] = []
+        self._pending: dict[str, list[pd.DataFrame]] = {"candidates": [], "raw_counts": [], "raw": []}
+        self._anchor_counts: dict[int, tuple[int, int]] = {}
         self._added: list[int] = []  # image ids in the order added
         self._seen: set[int] = set()
         self._stack: contextlib.ExitStack | None = None
@@ -113,11 +114,16 @@ class LedgerRecorder:
         return len(self._added)
 
     def add(self, image_id: int, boxes, labels, scores, *, cls_score=None, obj_score=None, level=None,
-            anchor_idx=None, cl_nms_score=None, kept=None, survived=None, suppressed_by=None) -> None:
+            anchor_idx=None, cl_nms_score=None, kept=None, survived=None, suppressed_by=None,
+            anchor_counts: tuple[int, int] | None = None, raw_counts: pd.DataFrame | None = None,
+            raw: pd.DataFrame | None = None) -> None:
         """Record one image's candidates (see the module doc); every image at most once.
 
         survived [N] bool: the NMS survivors, when the detector's output (`kept`) is a cut of them
         (max-detections): suppressors are then looked for among the survivors, not only the kept.
+        For a detector that exposes its anchors (the bundled one): anchor_counts (num_anchors,
+        num_pos_anchors) for images.parquet, raw_counts (this image's rows of raw_counts.parquet,
+        `misalign.truth.raw_counts_rows`) and raw (its rows of raw.parquet).
         """
         if self._writer is None:
             raise RuntimeError("LedgerRecorder.add: use the recorder in a `with` block")
@@ -133,8 +139,12 @@ class LedgerRecorder:
         frame = frame.assign(kept=kept_sorted, suppressed_by=local_sup, **truth)
         self._added.append(image_id)
         self._seen.add(image_id)
-        self._pending.append(frame)
-        if len(self._pending) >= self._flush_images:
+        if anchor_counts is not None:
+            self._anchor_counts[image_id] = (int(anchor_counts[0]), int(anchor_counts[1]))
+        for name, rows in (("candidates", frame), ("raw_counts", raw_counts), ("raw", raw)):
+            if rows is not None:
+                self._pending[name].append(rows)
+        if len(self._pending["candidates"]) >= self._flush_images:
             self._flush()
 
     def _frame(self, image_id: int, boxes, labels, scores, **optional) -> pd.DataFrame:
@@ -195,12 +205,17 @@ class LedgerRecorder:
         return kept, np.where(given[order] >= 0, position[np.maximum(given[order], 0)], -1)
 
     def _flush(self) -> None:
-        if self._pending:
-            self._writer.add_candidates(pd.concat(self._pending, ignore_index=True))
-            self._pending.clear()
+        """Append the buffered images as one row group per file (per-image groups are slow to write)."""
+        adders = {"candidates": self._writer.add_candidates, "raw_counts": self._writer.add_raw_counts,
+                  "raw": self._writer.add_raw}
+        for name, frames in self._pending.items():
+            if frames:
+                adders[name](pd.concat(frames, ignore_index=True))
+                frames.clear()
 
     def _finish(self) -> None:
         self._flush()
-        self._writer.add_images(images_frame([self._infos[i] for i in self._added], self._gt_by_image))
+        self._writer.add_images(images_frame([self._infos[i] for i in self._added], self._gt_by_image,
+                                             self._anchor_counts or None))
         self._writer.close(self._meta)
         log.info("recorded %d images into %s", len(self._added), self.out)
