@@ -100,6 +100,20 @@ def _parse_model_options(pairs: tuple[str, ...], option: str = "--model-option")
     return options
 
 
+def _split_and_out(command):
+    """The dataset (--data/--split or --ann/--images) and --out options of every ledger-writing command."""
+    options = [
+        click.option("--data", type=click.Path(), help="Dataset folder in COCO layout."),
+        click.option("--split", default="val", show_default=True, help="Split: annotations/instances_SPLIT.json and SPLIT/."),
+        click.option("--ann", type=click.Path(), help="Annotation file (instead of --data/--split)."),
+        click.option("--images", type=click.Path(), help="Image folder (instead of --data/--split)."),
+        click.option("--out", required=True, type=click.Path(), help="Dump folder to write (replaced when complete)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("train", context_settings={"max_content_width": 100})
 @click.option("--model", help="Detector: retinanet | retinanet-conf | iou-aware (see detector.build_model). "
               "Default: retinanet, or the checkpoint's with --resume.")
@@ -178,11 +192,7 @@ def train_command(model, recipe, data, split, ann, images, val_split, out, backb
 
 @main.command("dump")
 @click.option("--ckpt", required=True, type=click.Path(), help="checkpoint.pt written by `misalign train`.")
-@click.option("--data", type=click.Path(), help="Dataset folder in COCO layout.")
-@click.option("--split", default="val", show_default=True, help="Split: annotations/instances_SPLIT.json and SPLIT/.")
-@click.option("--ann", type=click.Path(), help="Annotation file (instead of --data/--split).")
-@click.option("--images", type=click.Path(), help="Image folder (instead of --data/--split).")
-@click.option("--out", required=True, type=click.Path(), help="Dump folder to write (replaced when complete).")
+@_split_and_out
 @click.option("--score-thresh", type=float, help="Pairs with score above this enter NMS [checkpoint's].")
 @click.option("--topk", type=int, help="Pairs per FPN level entering NMS [checkpoint's].")
 @click.option("--nms-thresh", type=float, help="NMS IoU threshold [checkpoint's].")
@@ -227,6 +237,7 @@ def import_(gt, predictions, out, name, nms_thresh, max_det) -> None:
 # --- capture -----------------------------------------------------------------------------------
 
 
+
 @main.group(cls=_Group)
 def capture() -> None:
     """Write a pre-NMS ledger from another framework's detection model (docs/capture.md)."""
@@ -240,11 +251,7 @@ def capture() -> None:
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
               help="A builder keyword argument (JSON value), e.g. -o score_thresh=0.001 -o detections_per_img=100.")
 @click.option("--label-map", type=click.Path(), help="JSON {label: category id} [labels are category ids].")
-@click.option("--data", type=click.Path(), help="Dataset folder in COCO layout.")
-@click.option("--split", default="val", show_default=True, help="Split: annotations/instances_SPLIT.json and SPLIT/.")
-@click.option("--ann", type=click.Path(), help="Annotation file (instead of --data/--split).")
-@click.option("--images", type=click.Path(), help="Image folder (instead of --data/--split).")
-@click.option("--out", required=True, type=click.Path(), help="Dump folder to write (replaced when complete).")
+@_split_and_out
 @click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--limit", type=int, help="Capture only the first N images (by id).")
@@ -262,11 +269,7 @@ def capture_torchvision(model, weights, num_classes, options, label_map, data, s
 @capture.command("ultralytics", context_settings={"max_content_width": 100})
 @click.option("--weights", required=True, type=click.Path(), help="YOLO .pt file (v8, 11), or a model .yaml (random weights).")
 @click.option("--label-map", type=click.Path(), help="JSON {class index: category id} [class i = the i-th category by id].")
-@click.option("--data", type=click.Path(), help="Dataset folder in COCO layout.")
-@click.option("--split", default="val", show_default=True, help="Split: annotations/instances_SPLIT.json and SPLIT/.")
-@click.option("--ann", type=click.Path(), help="Annotation file (instead of --data/--split).")
-@click.option("--images", type=click.Path(), help="Image folder (instead of --data/--split).")
-@click.option("--out", required=True, type=click.Path(), help="Dump folder to write (replaced when complete).")
+@_split_and_out
 @click.option("--imgsz", default=640, show_default=True, help="Letterboxed input side.")
 @click.option("--conf", default=0.001, show_default=True, help="Candidate threshold (ultralytics' validation default).")
 @click.option("--iou", default=0.7, show_default=True, help="NMS IoU threshold.")

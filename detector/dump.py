@@ -12,7 +12,6 @@ beside `out` and renamed only when it is whole.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from detector.device import autocast, resolve_device
 from detector.model import Detector
 from misalign.coco import ground_truth_by_image, load_coco_json, resolve_dataset
 from misalign.errors import InputError
+from misalign.io import file_sha256
 from misalign.recorder import LedgerRecorder
 from misalign.truth import POSITIVE_IOU, match_truth, max_iou_any, raw_counts_rows, threshold_counts
 
@@ -155,7 +155,7 @@ def _meta(config: DumpConfig, checkpoint: dict, model: Detector, ann_path: Path,
     return {
         "detector": {"name": model.cfg.name, "config": model.config},
         "checkpoint": str(Path(config.ckpt).resolve()),
-        "checkpoint_sha256": _sha256(config.ckpt),
+        "checkpoint_sha256": file_sha256(config.ckpt),
         "dataset": {"ann": str(Path(ann_path).resolve()), "images": str(Path(images_dir).resolve()),
                     "split": config.split},
         "postprocess": {
@@ -168,14 +168,6 @@ def _meta(config: DumpConfig, checkpoint: dict, model: Detector, ann_path: Path,
         "limit": config.limit,
         "epoch": checkpoint.get("epoch"),
     }
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_options(config: DumpConfig) -> None:

@@ -17,7 +17,6 @@ Labels: a predicted label is the dataset's category id (torchvision's convention
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -30,7 +29,9 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
 from misalign.coco import load_coco_json, resolve_dataset
+from detector.capture import read_rgb
 from misalign.errors import InputError
+from misalign.io import file_sha256
 from misalign.recorder import LedgerRecorder
 
 log = logging.getLogger(__name__)
@@ -196,27 +197,7 @@ def read_label_map(path) -> dict[int, int]:
 
 def load_images(images_dir: Path, infos: list[dict]) -> list[torch.Tensor]:
     """[3, H, W] float tensors in [0, 1] of the images named by `infos`' file_name."""
-    from PIL import Image
-    from torchvision.transforms.functional import to_tensor
-
-    tensors = []
-    for info in infos:
-        path = images_dir / info["file_name"]
-        if not path.is_file():
-            raise InputError(f"{path}: image file not found")
-        with Image.open(path) as image:
-            tensors.append(to_tensor(image.convert("RGB")))
-    return tensors
-
-
-def _sha256(path) -> str | None:
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return [torch.from_numpy(read_rgb(images_dir, info).copy()).permute(2, 0, 1).float().div(255) for info in infos]
 
 
 def capture(config: CaptureConfig) -> Path:
@@ -232,7 +213,7 @@ def capture(config: CaptureConfig) -> Path:
     meta = {"source": {"framework": "torchvision", "version": torchvision.__version__, "model": config.model,
                        "options": config.options, "num_classes": config.num_classes,
                        "weights": None if config.weights is None else str(Path(config.weights).resolve()),
-                       "weights_sha256": _sha256(config.weights)}}
+                       "weights_sha256": None if config.weights is None else file_sha256(config.weights)}}
     with LedgerRecorder(config.out, ann_path, nms_thresh=float(head.nms_thresh), max_det=int(head.detections_per_img),
                         detector={"name": config.model, "config": None}, images=images_dir, split=config.split,
                         postprocess=postprocess_settings(model), extra_meta=meta) as recorder:

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detector.capture import read_rgb
 from misalign.coco import load_coco_json, resolve_dataset
 from misalign.errors import InputError
+from misalign.io import file_sha256
 from misalign.recorder import LedgerRecorder
 
 log = logging.getLogger(__name__)
@@ -155,8 +157,6 @@ def _category_mapper(categories: list[int], label_map: dict[int, int] | None):
 
 def capture(config: UltralyticsConfig) -> Path:
     """`misalign capture ultralytics`: run the YOLO model over the split and write its ledger."""
-    from PIL import Image
-
     from detector.capture.torchvision import read_label_map
 
     model = load_model(config.weights)
@@ -167,7 +167,9 @@ def capture(config: UltralyticsConfig) -> Path:
     infos = sorted(gt["images"], key=lambda image: image["id"])[: config.limit]
     import ultralytics
 
+    weights = Path(config.weights)
     meta = {"source": {"framework": "ultralytics", "version": ultralytics.__version__, "model": str(config.weights),
+                       "weights_sha256": file_sha256(weights) if weights.is_file() else None,
                        "imgsz": config.imgsz, "conf": config.conf, "iou": config.iou}}
     with LedgerRecorder(config.out, ann_path, nms_thresh=config.iou, max_det=config.max_det,
                         detector={"name": Path(config.weights).stem, "config": None}, images=images_dir,
@@ -175,13 +177,7 @@ def capture(config: UltralyticsConfig) -> Path:
                         extra_meta=meta) as recorder:
         for start in range(0, len(infos), config.batch_size):
             chunk = infos[start:start + config.batch_size]
-            arrays = []
-            for info in chunk:
-                path = images_dir / info["file_name"]
-                if not path.is_file():
-                    raise InputError(f"{path}: image file not found")
-                with Image.open(path) as image:
-                    arrays.append(np.asarray(image.convert("RGB")))
+            arrays = [read_rgb(images_dir, info) for info in chunk]
             batch = torch.stack([torch.from_numpy(letterbox(a, config.imgsz)).permute(2, 0, 1) for a in arrays])
             with torch.no_grad():
                 raw = model(batch.float().div(255).to(config.device))[0]
