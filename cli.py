@@ -100,6 +100,16 @@ def _parse_model_options(pairs: tuple[str, ...], option: str = "--model-option")
     return options
 
 
+def _default(config_class: str, name: str):
+    """The default of field `name` of detector.recipe's `config_class` (TrainConfig, DumpConfig): the
+    CLI shows and uses the config's own defaults (detector.recipe imports no torch)."""
+    import dataclasses
+
+    from detector import recipe
+
+    return {f.name: f.default for f in dataclasses.fields(getattr(recipe, config_class))}[name]
+
+
 def _split_and_out(command):
     """The dataset (--data/--split or --ann/--images) and --out options of every ledger-writing command."""
     options = [
@@ -122,10 +132,10 @@ def _split_and_out(command):
               "Default: cpu on a CPU, paper on a GPU; no other option changes it.")
 @click.option("--data", type=click.Path(),
               help="Dataset folder in COCO layout (annotations/instances_SPLIT.json, SPLIT/).")
-@click.option("--split", default="train", show_default=True, help="Training split of --data.")
+@click.option("--split", default=_default("TrainConfig", "split"), show_default=True, help="Training split of --data.")
 @click.option("--ann", type=click.Path(), help="Training annotation file (instead of --data/--split).")
 @click.option("--images", type=click.Path(), help="Training image folder (with --ann).")
-@click.option("--val-split", default="val", show_default=True,
+@click.option("--val-split", default=_default("TrainConfig", "val_split"), show_default=True,
               help="Split of --data evaluated at the end into RUN/eval.json ('' or missing: no evaluation).")
 @click.option("--out", type=click.Path(), help="Run folder: log.csv, checkpoint.pt, eval.json "
               "(default with --resume: the checkpoint's folder).")
@@ -136,7 +146,7 @@ def _split_and_out(command):
 @click.option("--backbone-weights", type=click.Path(), help="Start the backbone from a local state-dict file.")
 @click.option("--epochs", type=int, help="Epochs. Default: 12 (1x) or 24 (2x); 18 (36) in the CPU recipe, more on a "
               "small dataset so that the run takes at least 2,250 (4,500) optimizer steps.")
-@click.option("--schedule", default="1x", show_default=True,
+@click.option("--schedule", default=_default("TrainConfig", "schedule"), show_default=True,
               help="1x or 2x: default epochs; lr ×0.1 at 8/12 and 11/12 of the run either way.")
 @click.option("--batch-size", type=int, help="Images per step over all processes. Default: 16 (paper); 8 (CPU recipe).")
 @click.option("--optimizer", help="sgd (momentum 0.9, weight decay 1e-4) | adamw (weight decay 0.05). "
@@ -148,9 +158,9 @@ def _split_and_out(command):
               "at least --img-size.")
 @click.option("--workers", type=int, help="Data-loader processes per training process (0: main process). "
               "Default: 4; 0 in the CPU recipe.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda.")
-@click.option("--amp", default="none", show_default=True, help="none | bf16 | fp16 autocast (GPU only).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--device", default=_default("TrainConfig", "device"), show_default=True, help="auto | cpu | cuda.")
+@click.option("--amp", default=_default("TrainConfig", "amp"), show_default=True, help="none | bf16 | fp16 autocast (GPU only).")
+@click.option("--seed", type=int, default=_default("TrainConfig", "seed"), show_default=True,
               help="Seed of the weights, the data order and augmentation.")
 @click.option("--resume", type=click.Path(), help="RUN/checkpoint.pt to continue from (same next batch, same lr).")
 @click.option("-o", "--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
@@ -198,12 +208,12 @@ def train_command(model, recipe, data, split, ann, images, val_split, out, backb
 @click.option("--nms-thresh", type=float, help="NMS IoU threshold [checkpoint's].")
 @click.option("--max-det", type=int, help="Detections kept per image [checkpoint's].")
 @click.option("--alpha", type=float, help="Exponent of obj in obj^alpha * cls^(1-alpha) [checkpoint's].")
-@click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", default=_default("DumpConfig", "batch_size"), show_default=True, help="Images per forward pass.")
+@click.option("--workers", default=_default("DumpConfig", "workers"), show_default=True, help="DataLoader worker processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_default("DumpConfig", "device"), show_default=True)
 @click.option("--amp", is_flag=True, help="bf16 autocast on GPU.")
 @click.option("--limit", type=int, help="Dump only the first N images (by id).")
-@click.option("--raw-images", default=0, show_default=True, help="Also write raw.parquet with every anchor of the first N images.")
+@click.option("--raw-images", default=_default("DumpConfig", "raw_images"), show_default=True, help="Also write raw.parquet with every anchor of the first N images.")
 def dump_(**options) -> None:
     """Record every candidate before and after NMS (the ledger).
 

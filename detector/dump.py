@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from detector.recipe import DumpConfig
 from detector.checkpoint import load_checkpoint, model_from_checkpoint
 from detector.data import CocoDetection, collate_detection
 from detector.device import autocast, resolve_device
@@ -32,27 +32,6 @@ from misalign.recorder import LedgerRecorder
 from misalign.truth import POSITIVE_IOU, match_truth, max_iou_any, raw_counts_rows, threshold_counts
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class DumpConfig:
-    ckpt: str  # checkpoint.pt written by `misalign train`
-    out: str  # the dump folder; replaced only once the new ledger is whole
-    data: str | None = None  # dataset root in COCO layout (with `split`) ...
-    split: str | None = "val"  # ... split name: annotations/instances_<split>.json and <split>/
-    ann: str | None = None  # or an explicit annotation file ...
-    images: str | None = None  # ... and image folder
-    score_thresh: float | None = None  # postprocess overrides; None keeps the checkpoint's value
-    topk: int | None = None  # pairs per FPN level entering NMS
-    nms_thresh: float | None = None  # IoU above which NMS suppresses
-    max_det: int | None = None  # detections kept per image
-    alpha: float | None = None  # exponent of obj in obj^alpha * cls^(1-alpha) (branch models only)
-    batch_size: int = 4  # images per forward pass
-    workers: int = 2  # DataLoader worker processes
-    device: str = "auto"  # auto | cpu | cuda
-    amp: bool = False  # autocast (bf16) on GPU; ignored on CPU
-    limit: int | None = None  # dump only the first N images (by image id)
-    raw_images: int = 0  # also write raw.parquet with every anchor of the first N images
-
 
 def dump(config: DumpConfig) -> Path:
     """Write the ledger of `config.ckpt` on the chosen split to `config.out`; returns that path."""

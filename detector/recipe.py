@@ -227,3 +227,25 @@ def resolve_epochs(config: TrainConfig, iters_per_epoch: int) -> TrainConfig:
 
 
 # --- learning-rate schedule -------------------------------------------------------------------------
+
+
+# The dump's options live here too, beside training's: the CLI reads both sets of defaults without torch.
+@dataclass
+class DumpConfig:
+    ckpt: str  # checkpoint.pt written by `misalign train`
+    out: str  # the dump folder; replaced only once the new ledger is whole
+    data: str | None = None  # dataset root in COCO layout (with `split`) ...
+    split: str | None = "val"  # ... split name: annotations/instances_<split>.json and <split>/
+    ann: str | None = None  # or an explicit annotation file ...
+    images: str | None = None  # ... and image folder
+    score_thresh: float | None = None  # postprocess overrides; None keeps the checkpoint's value
+    topk: int | None = None  # pairs per FPN level entering NMS
+    nms_thresh: float | None = None  # IoU above which NMS suppresses
+    max_det: int | None = None  # detections kept per image
+    alpha: float | None = None  # exponent of obj in obj^alpha * cls^(1-alpha) (branch models only)
+    batch_size: int = 4  # images per forward pass
+    workers: int = 2  # DataLoader worker processes
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # autocast (bf16) on GPU; ignored on CPU
+    limit: int | None = None  # dump only the first N images (by image id)
+    raw_images: int = 0  # also write raw.parquet with every anchor of the first N images
