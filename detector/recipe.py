@@ -1,4 +1,5 @@
-"""The training recipe: `TrainConfig`, the paper's and the CPU recipe's defaults, and their validation.
+"""The training recipe: `TrainConfig`, the paper's and the CPU recipe's defaults, and their validation;
+and the dump's options (`DumpConfig`).
 
 No torch here (a device is only read for its type), so the CLI and the tests can build and check a
 configuration without loading a model. The loop is detector.train, evaluation detector.evaluate;
