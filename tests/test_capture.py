@@ -197,3 +197,15 @@ def test_capture_ultralytics_cli_bad_input(tmp_path, gt_file, make_coco):
                                   "--images", str(image_dir), "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "none.pt: weights file not found" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_label_map_file_problems_are_one_line(tmp_path):
+    from detector.capture.torchvision import read_label_map
+
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "ok.json").write_text('{"0": 7, "1": 9}')
+    assert read_label_map(tmp_path / "ok.json") == {0: 7, 1: 9}
+    with pytest.raises(InputError, match="list.json: a label map is a JSON object"):
+        read_label_map(tmp_path / "list.json")
+    with pytest.raises(InputError, match="none.json: label map not found"):
+        read_label_map(tmp_path / "none.json")
