@@ -29,10 +29,11 @@ import pandas as pd
 from misalign import counts
 from misalign.cocoeval import STAT_KEYS
 from misalign.errors import InputError
+from misalign.scan import HIST_BINS
 
 log = logging.getLogger(__name__)
 
-HIST_BINS = 50  # Figure 1 density: bins per axis on [0, 1]
+RETAIN_IOU = 0.5  # the rows every analysis of the retained candidates needs: iou >= this, or kept
 CONDITIONS = counts.CONDITION_KEYS  # Table 1's eleven, in the paper's order
 
 
@@ -274,37 +275,32 @@ def images_to_show(images: pd.DataFrame, num_images: int) -> np.ndarray:
     return images["image_id"].to_numpy(np.int64)[np.sort(order)]
 
 
-def _detector_result(ledger, analysis, name: str, shown_ids) -> DetectorResult:
-    """The figure data of one analysed ledger: histograms, quadrant counts, rows of shown images."""
-    cands = ledger.candidates
-    has_obj = bool(np.isfinite(cands["obj_score"].to_numpy()).any()) if len(cands) else False
-    score_is_cls = bool(np.array_equal(cands["score"].to_numpy(), cands["cls_score"].to_numpy()))
-    columns = ["cls_score", "score"] + (["obj_score"] if has_obj else [])
-    score_above_one = bool((cands["score"].to_numpy() > 1).any())
-    histograms, quadrants = {}, {}
-    for col in columns:
-        pre = counts.score_iou_histogram(cands, col, kept_only=False, bins=HIST_BINS)[0] if ledger.pre_nms else None
-        post, _ = counts.score_iou_histogram(cands, col, kept_only=True, bins=HIST_BINS)
-        histograms[col] = {"pre_nms": pre, "post_nms": post}
-        quadrants[col] = counts.quadrant_counts(cands, col)
+def _detector_result(ledger, scan, analysis, name: str, shown_ids) -> DetectorResult:
+    """The figure data of one analysed ledger: histograms, quadrant counts (from the scan), rows of shown images."""
+    columns = ["cls_score", "score"] + (["obj_score"] if scan.has_obj else [])
+    cands = scan.retained
     shown_ids = np.asarray(shown_ids, np.int64)
     shown = cands[np.isin(cands["image_id"].to_numpy(), shown_ids)]
     # The panels are the unit square; a score above 1 (CL-NMS) is drawn on the top edge, as the histograms count it.
     shown = shown.assign(score=np.minimum(shown["score"].to_numpy(), 1.0))
     has_raw = len(ledger.raw_counts) > 0 or bool((ledger.images["num_pos_anchors"] >= 0).all())
     return DetectorResult(name=name, folder=Path(ledger.folder), meta=ledger.meta, analysis=analysis,
-                          pre_nms=ledger.pre_nms, has_obj=has_obj, score_is_cls=score_is_cls,
-                          score_above_one=score_above_one, has_raw=has_raw,
-                          histograms=histograms, quadrants=quadrants, shown_ids=shown_ids,
+                          pre_nms=ledger.pre_nms, has_obj=scan.has_obj, score_is_cls=scan.score_is_cls,
+                          score_above_one=scan.score_above_one, has_raw=has_raw,
+                          histograms={c: scan.histograms[c] for c in columns},
+                          quadrants={c: counts.quadrant_frame(scan.quadrants[c]) for c in columns},
+                          shown_ids=shown_ids,
                           shown_rows=shown[["image_id", "iou", "kept", "cls_score", "obj_score", "score"]].copy(),
                           per_image_proportions=analysis.per_image_proportions(shown_ids) if ledger.pre_nms else None)
 
 
 def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list[DetectorResult], Path]:
-    """Validate and analyse every dump (one ledger in memory at a time); returns their results and the gt path."""
+    """Validate and analyse every dump (one at a time, streamed: misalign.scan); returns their results
+    and the gt path."""
     from misalign.ledger import read_images, read_ledger, read_meta, validate_ledger
     from misalign.metrics import (ANALYSIS_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze, check_ground_truth,
                                   load_ground_truth)
+    from misalign.scan import read_scanned
 
     names = detector_names(folders, settings.names)
     for folder in folders:
@@ -317,17 +313,20 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     coco_gt = load_ground_truth(gt_path)
     shown_ids = images_to_show(image_tables[0], settings.num_images)
     results = []
-    for folder, name in zip(folders, names):
-        # rescoring re-runs NMS on every box; otherwise only the kept rows' boxes are read (for AP)
-        ledger = read_ledger(folder, columns=ANALYSIS_COLUMNS if settings.rescore else STREAMED_ANALYSIS_COLUMNS)
+    for folder, name, meta, images in zip(folders, names, metas, image_tables):
+        # every analysis of the retained rows pools iou >= RETAIN_IOU (or the correlation's own floor) or kept rows
+        ledger, scan = read_scanned(folder, STREAMED_ANALYSIS_COLUMNS, retain_iou=min(settings.min_iou, RETAIN_IOU),
+                                    shown_ids=shown_ids, meta=meta, images=images)
         check_ground_truth(ledger, coco_gt, str(gt_path))
-        log.info("analysing %s (%d candidates)", name, len(ledger.candidates))
+        log.info("analysing %s (%d candidates, %d retained)", name, scan.num_rows, len(scan.retained))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
-                           seed=settings.seed)
-        rescoring, note = _rescore(ledger, analysis, coco_gt, settings) if settings.rescore else (None, None)
-        results.append(_detector_result(ledger, analysis, name, shown_ids))
-        results[-1].rescoring, results[-1].rescore_note = rescoring, note
-        del ledger
+                           seed=settings.seed, candidate_counts=scan.counts, score_columns=scan.score_columns)
+        results.append(_detector_result(ledger, scan, analysis, name, shown_ids))
+        del ledger, scan
+        if settings.rescore:  # rescoring re-runs NMS on every box: the whole pool, with boxes
+            full = read_ledger(folder, columns=ANALYSIS_COLUMNS)
+            results[-1].rescoring, results[-1].rescore_note = _rescore(full, analysis, coco_gt, settings)
+            del full
     return results, gt_path
 
 

@@ -11,11 +11,13 @@ Public API (all return DataFrames or dicts; nothing is drawn here):
 - CONDITION_KEYS (and CLS_/IOU_CONDITION_KEYS), STAGE_ORDER, STAGE_TITLES: the conditions and stage labels
   the report shows, defined here only
 - image_positions(images, image_ids, what) -> [N] int64 (InputError for unknown ids)
-- per_image_counts(ledger) -> wide DataFrame, index image_id, columns (stage, condition)
+- candidate_stage_counts(candidates, positions, num_images, pre_nms) -> {(stage, condition): [I]} (adds up over batches)
+- per_image_counts(ledger, candidate_counts=None) -> wide DataFrame, index image_id, columns (stage, condition)
 - stage_totals(per_image, pre_nms=True) -> {"counts", "survival", "proportions"} of metrics.json
 - table1(per_image, num_images=10) -> DataFrame rows (stage, condition), columns image ids + 'all'
 - per_image_proportions(per_image, image_ids=None) -> long DataFrame for Figure 2
 - score_iou_histogram(candidates, column, kept_only=False, bins=50) -> (counts [bins, bins], edges)
+- quadrant_tallies(candidates, column) -> {stage: {quadrant: n}} (adds up); quadrant_frame(tallies) -> DataFrame
 - quadrant_counts(candidates, column="cls_score", iou_thresh=0.5, score_thresh=0.5) -> DataFrame
 """
 
@@ -128,7 +130,20 @@ def _raw_stages(ledger, num_images: int) -> dict:
     return columns
 
 
-def per_image_counts(ledger) -> pd.DataFrame:
+def candidate_stage_counts(candidates: pd.DataFrame, positions: np.ndarray, num_images: int,
+                           pre_nms: bool = True) -> dict:
+    """{(stage, condition): [I] int64} of the candidate stages ('pre_nms' unless post-NMS only,
+    'post_nms': the kept rows) for `candidates` whose images sit at `positions` in images.parquet.
+
+    Counts add up: the counts of a ledger are the sum of its row batches' (misalign.scan).
+    """
+    kept = np.flatnonzero(candidates["kept"].to_numpy())
+    stages = (("pre_nms", None), ("post_nms", kept)) if pre_nms else (("post_nms", kept),)
+    return {(stage, key): values for stage, rows in stages
+            for key, values in _candidate_stage(candidates, positions, num_images, rows).items()}
+
+
+def per_image_counts(ledger, candidate_counts: dict | None = None) -> pd.DataFrame:
     """Per-image counts of every stage and condition (the full Table 1).
 
     Index: image_id in images.parquet order. Columns (stage, condition): ('anchors', 'rows') =
@@ -136,18 +151,18 @@ def per_image_counts(ledger) -> pd.DataFrame:
     raw_counts.parquet when present (('anchors', 'iou>0.5') = num_pos_anchors otherwise),
     ('pre_nms', ...) and ('post_nms', ...) from candidates: 'rows' (boxes of the stage), 'crowd'
     (rows COCOeval ignores, when the column is there) and the eleven conditions; no 'pre_nms'
-    columns for a post-NMS-only ledger. Needs candidates columns image_id, cls_score, iou, kept
-    (and crowd).
+    columns for a post-NMS-only ledger. The candidate stages are `candidate_counts` when given
+    (`candidate_stage_counts` summed over the ledger's row batches), else counted from
+    ledger.candidates (columns image_id, cls_score, iou, kept, and crowd).
     """
-    images, candidates = ledger.images, ledger.candidates
+    images = ledger.images
     num_images = len(images)
-    positions = image_positions(images, candidates["image_id"].to_numpy(), "candidates.parquet")
     columns = _raw_stages(ledger, num_images)
-    kept = np.flatnonzero(candidates["kept"].to_numpy())
-    stages = (("pre_nms", None), ("post_nms", kept)) if ledger.pre_nms else (("post_nms", kept),)
-    for stage, rows in stages:
-        for key, values in _candidate_stage(candidates, positions, num_images, rows).items():
-            columns[(stage, key)] = values
+    if candidate_counts is None:
+        candidates = ledger.candidates
+        positions = image_positions(images, candidates["image_id"].to_numpy(), "candidates.parquet")
+        candidate_counts = candidate_stage_counts(candidates, positions, num_images, ledger.pre_nms)
+    columns.update(candidate_counts)
     frame = pd.DataFrame(columns, index=pd.Index(images["image_id"].to_numpy(np.int64), name="image_id"))
     frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=["stage", "condition"])
     return frame
@@ -251,25 +266,39 @@ def _bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return index
 
 
-def quadrant_counts(candidates: pd.DataFrame, column: str = "cls_score", iou_thresh: float = 0.5,
-                    score_thresh: float = 0.5) -> pd.DataFrame:
-    """Boxes in each quadrant of Figure 1, before and after NMS.
+def quadrant_tallies(candidates: pd.DataFrame, column: str = "cls_score", iou_thresh: float = 0.5,
+                     score_thresh: float = 0.5) -> dict[str, dict[str, int]]:
+    """{stage: {quadrant: boxes}} of Figure 1's quadrants, 'pre_nms' (every row) and 'post_nms' (kept).
 
-    Rows: 'pre_nms', 'post_nms'. Columns: the four quadrants ('iou>0.5 & cls>0.5', 'iou>0.5 &
-    cls<=0.5' - the paper's finding: well localised but low score -, ...) as counts, and the same as
-    fractions of the stage ('frac ...').
+    Quadrants: 'iou>0.5 & cls>0.5', 'iou>0.5 & cls<=0.5' (the paper's finding: well localised but
+    low score), ... Tallies of row batches add up (misalign.scan); `quadrant_frame` shows them.
     """
     name = column.replace("_score", "")
+    i_key, s_key = f"iou>{iou_thresh:g}", f"{name}>{score_thresh:g}"
+    i_not, s_not = f"iou<={iou_thresh:g}", f"{name}<={score_thresh:g}"
+    s = candidates[column].to_numpy()
+    good = candidates["iou"].to_numpy() > np.asarray(iou_thresh, candidates["iou"].dtype)
+    high = s > np.asarray(score_thresh, s.dtype)
+    kept = candidates["kept"].to_numpy(bool)
+    tallies = {}
+    for stage, rows in (("pre_nms", np.ones(len(s), bool)), ("post_nms", kept)):
+        masks = {f"{i_key} & {s_key}": good & high, f"{i_key} & {s_not}": good & ~high,
+                 f"{i_not} & {s_key}": ~good & high, f"{i_not} & {s_not}": ~good & ~high}
+        tallies[stage] = {key: int(np.count_nonzero(mask & rows)) for key, mask in masks.items()}
+    return tallies
+
+
+def quadrant_frame(tallies: dict[str, dict[str, int]]) -> pd.DataFrame:
+    """Rows 'pre_nms', 'post_nms': the quadrant counts of `quadrant_tallies` and, as 'frac <quadrant>',
+    their fractions of the stage (NaN for a stage without boxes)."""
     rows = {}
-    for stage, frame in (("pre_nms", candidates), ("post_nms", candidates[candidates["kept"]])):
-        s = frame[column].to_numpy()
-        good = frame["iou"].to_numpy() > np.asarray(iou_thresh, frame["iou"].dtype)
-        high = s > np.asarray(score_thresh, s.dtype)
-        i_key, s_key = f"iou>{iou_thresh:g}", f"{name}>{score_thresh:g}"
-        i_not, s_not = f"iou<={iou_thresh:g}", f"{name}<={score_thresh:g}"
-        counts = {f"{i_key} & {s_key}": good & high, f"{i_key} & {s_not}": good & ~high,
-                  f"{i_not} & {s_key}": ~good & high, f"{i_not} & {s_not}": ~good & ~high}
-        row = {key: int(mask.sum()) for key, mask in counts.items()}
-        row.update({f"frac {key}": (n / len(frame) if len(frame) else np.nan) for key, n in row.items()})
-        rows[stage] = row
+    for stage, row in tallies.items():
+        size = sum(row.values())
+        rows[stage] = {**row, **{f"frac {key}": (n / size if size else np.nan) for key, n in row.items()}}
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def quadrant_counts(candidates: pd.DataFrame, column: str = "cls_score", iou_thresh: float = 0.5,
+                    score_thresh: float = 0.5) -> pd.DataFrame:
+    """Boxes in each quadrant of Figure 1, before and after NMS: `quadrant_frame` of `quadrant_tallies`."""
+    return quadrant_frame(quadrant_tallies(candidates, column, iou_thresh, score_thresh))

@@ -238,7 +238,8 @@ def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_co
 
 def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
             bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, ap_backend: str = "auto",
-            min_count: int = 3, bootstrap_method: str = "auto") -> Analysis:
+            min_count: int = 3, bootstrap_method: str = "auto", candidate_counts: dict | None = None,
+            score_columns=None) -> Analysis:
     """Analyse one ledger (a folder or a `Ledger` read with at least ANALYSIS_COLUMNS).
 
     gt: the COCO ground truth (path, or a COCO object from `load_ground_truth` to share between
@@ -246,9 +247,15 @@ def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
     (iou >= min_iou); bootstrap: resamples of images for the CIs (0: none); seed: their RNG seed;
     min_count: the fewest pool rows a gt box needs for spearman_per_gt; bootstrap_method: how the
     Spearman replicates are computed (BOOTSTRAP_METHODS; settings['bootstrap_method'] says which).
+    A streamed analysis (misalign.compare) passes a ledger whose candidates are only the retained
+    rows (misalign.scan), with the tallies of every row as `candidate_counts` and the score columns
+    found in them as `score_columns`.
     """
-    if not isinstance(ledger, Ledger):
-        ledger = read_ledger(ledger, columns=STREAMED_ANALYSIS_COLUMNS)
+    if not isinstance(ledger, Ledger):  # a folder: streamed, only the rows the pools need in memory
+        from misalign.scan import read_scanned
+
+        ledger, scan = read_scanned(ledger, STREAMED_ANALYSIS_COLUMNS, retain_iou=min(min_iou, 0.5))
+        candidate_counts, score_columns = scan.counts, scan.score_columns
     coco_gt, gt_name = _resolve_gt(ledger, gt, ap_backend)
     check_ground_truth(ledger, coco_gt, gt_name)
     candidates = ledger.candidates
@@ -256,11 +263,11 @@ def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
     image_ids = np.sort(images["image_id"].to_numpy(np.int64))
 
     ap = evaluate_ap(coco_gt, _kept_rows(ledger), image_ids)
-    per_image = _counts.per_image_counts(ledger)
+    per_image = _counts.per_image_counts(ledger, candidate_counts)
     totals = _counts.stage_totals(per_image, pre_nms=ledger.pre_nms)
 
     counts_matrix = bootstrap_counts(len(image_ids), int(bootstrap), seed).astype(np.float64)
-    columns = _score_columns(candidates)
+    columns = _score_columns(candidates) if score_columns is None else list(score_columns)
     correlation, per_gt, replicates, methods = _correlations(candidates, columns, image_ids, counts_matrix, min_iou,
                                                              min_count, bootstrap_method)
     if ledger.pre_nms:

@@ -1,0 +1,127 @@
+"""One streaming pass over candidates.parquet: the tallies over every row, and the rows worth keeping.
+
+    scan = scan_candidates(folder, images, pre_nms=True, retain_iou=0.5, shown_ids=ids)
+    scan.counts        # Table 1's candidate stages per image (misalign.counts.candidate_stage_counts)
+    scan.histograms    # score column -> {"pre_nms", "post_nms"} 2-D score-IoU histograms (Figure 1)
+    scan.quadrants     # score column -> misalign.counts.quadrant_tallies
+    scan.retained      # the rows any later analysis ranks or draws, with their columns
+
+A COCO pre-NMS ledger holds 2,000-4,000 candidates an image (10-20 M rows at COCO val). Most of
+them are only counted: Table 1, the histograms, the quadrants and the flags add up over row
+batches. What needs the rows themselves is small: the correlation pools (iou >= min_iou), the
+kept rows (AP), and every row of the few images drawn one by one. So candidates.parquet is read
+one row group at a time, the tallies are summed and only those rows are kept; memory grows with
+the pools, not with the ledger (docs/architecture.md, "memory").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from misalign import counts
+from misalign.ledger import CANDIDATES, Ledger, iter_batches, read_images, read_meta, read_raw_counts
+
+HIST_BINS = 50  # Figure 1 density: bins per axis on [0, 1]
+HIST_COLUMNS = ("cls_score", "obj_score", "score")  # the score columns Figure 1 can draw against IoU
+
+
+@dataclass
+class CandidateScan:
+    """The tallies of every candidate row and the retained rows (see the module doc)."""
+
+    counts: dict  # (stage, condition) -> [I] int64, images in images.parquet order
+    histograms: dict  # column -> {"pre_nms": [b, b] int64, "post_nms": [b, b] int64}
+    quadrants: dict  # column -> {stage: {quadrant: n}}
+    retained: pd.DataFrame  # rows with iou >= retain_iou, kept rows, rows of the shown images
+    num_rows: int = 0
+    has_obj: bool = False  # some obj_score is finite
+    score_is_cls: bool = True  # score == cls_score on every row
+    score_above_one: bool = False  # some score > 1 (CL-NMS)
+
+    @property
+    def score_columns(self) -> list[str]:
+        """The score columns to correlate: cls_score, obj_score where some row has one, score."""
+        return ["cls_score"] + (["obj_score"] if self.has_obj else []) + ["score"]
+
+
+def _add(total: dict, part: dict) -> None:
+    """total += part, key by key, for dicts of arrays or of nested dicts of ints."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _add(total.setdefault(key, {}), value)
+        elif key in total:
+            total[key] = total[key] + value
+        else:
+            total[key] = value
+
+
+def _tally(batch: pd.DataFrame, positions: np.ndarray, num_images: int, pre_nms: bool) -> dict:
+    """The additive tallies of one row batch."""
+    tallies = {"counts": counts.candidate_stage_counts(batch, positions, num_images, pre_nms),
+               "histograms": {}, "quadrants": {}}
+    for column in HIST_COLUMNS:
+        tallies["histograms"][column] = {
+            stage: counts.score_iou_histogram(batch, column, kept_only=kept_only, bins=HIST_BINS)[0]
+            for stage, kept_only in (("pre_nms", False), ("post_nms", True))}
+        tallies["quadrants"][column] = counts.quadrant_tallies(batch, column)
+    return tallies
+
+
+def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, retain_iou: float,
+                    shown_ids=()) -> CandidateScan:
+    """Read `folder`'s candidates (`columns`, which include image_id, cls_score, obj_score, score,
+    kept, iou and crowd) row group by row group into a CandidateScan.
+
+    Retained: rows with iou >= retain_iou, kept rows and the rows of `shown_ids`; the histograms
+    and quadrants of a post-NMS-only ledger have no pre-NMS stage (None).
+    """
+    shown_ids = np.asarray(shown_ids, np.int64)
+    num_images = len(images)
+    total: dict = {}
+    retained, num_rows = [], 0
+    has_obj, score_is_cls, score_above_one = False, True, False
+    for table in iter_batches(Path(folder) / CANDIDATES, columns):
+        batch = table.to_pandas()
+        positions = counts.image_positions(images, batch["image_id"].to_numpy(), "candidates.parquet")
+        _add(total, _tally(batch, positions, num_images, pre_nms))
+        score, cls = batch["score"].to_numpy(), batch["cls_score"].to_numpy()
+        has_obj |= bool(np.isfinite(batch["obj_score"].to_numpy()).any())
+        score_is_cls &= bool(np.array_equal(score, cls))
+        score_above_one |= bool((score > 1).any())
+        iou = batch["iou"].to_numpy()
+        keep = ((iou >= np.asarray(retain_iou, iou.dtype)) | batch["kept"].to_numpy(bool)
+                | np.isin(batch["image_id"].to_numpy(), shown_ids))
+        retained.append(batch[keep])
+        num_rows += len(batch)
+    empty = pd.DataFrame({c: pd.Series(dtype=np.float32) for c in columns})
+    frame = pd.concat(retained, ignore_index=True) if retained else empty
+    histograms = total.get("histograms") or {c: {s: np.zeros((HIST_BINS, HIST_BINS), np.int64)
+                                                 for s in ("pre_nms", "post_nms")} for c in HIST_COLUMNS}
+    quadrants = total.get("quadrants") or {c: counts.quadrant_tallies(frame.iloc[:0], c) for c in HIST_COLUMNS}
+    if not pre_nms:
+        for column in HIST_COLUMNS:
+            histograms[column]["pre_nms"] = None
+            quadrants[column].pop("pre_nms", None)
+    candidate_counts = total.get("counts") or counts.candidate_stage_counts(
+        frame.iloc[:0], np.zeros(0, np.int64), num_images, pre_nms)
+    return CandidateScan(counts=candidate_counts, histograms=histograms, quadrants=quadrants, retained=frame,
+                         num_rows=num_rows, has_obj=has_obj, score_is_cls=score_is_cls,
+                         score_above_one=score_above_one)
+
+
+def read_scanned(folder, columns, *, retain_iou: float, shown_ids=(), meta=None, images=None) -> tuple[Ledger, CandidateScan]:
+    """The ledger in `folder` with only its retained candidate rows in memory, and the scan of all of
+    them (`meta`, `images`: already read, to read them once)."""
+    folder = Path(folder)
+    meta = read_meta(folder) if meta is None else meta
+    images = read_images(folder) if images is None else images
+    pre_nms = bool(meta.get("pre_nms", True))
+    scan = scan_candidates(folder, images, pre_nms=pre_nms, columns=columns, retain_iou=retain_iou,
+                           shown_ids=shown_ids)
+    ledger = Ledger(folder=folder, meta=meta, candidates=scan.retained, images=images,
+                    raw_counts=read_raw_counts(folder))
+    return ledger, scan
