@@ -101,13 +101,16 @@ def _parse_model_options(pairs: tuple[str, ...], option: str = "--model-option")
 
 
 def _default(config_class: str, name: str):
-    """The default of field `name` of detector.recipe's `config_class` (TrainConfig, DumpConfig): the
-    CLI shows and uses the config's own defaults (detector.recipe imports no torch)."""
+    """The default of field `name` of `config_class`: detector.recipe's TrainConfig or DumpConfig, or
+    misalign.settings' CompareSettings (the report's). The CLI shows and uses the configs' own
+    defaults; neither module imports torch, numpy or pandas."""
     import dataclasses
 
     from detector import recipe
+    from misalign import settings
 
-    return {f.name: f.default for f in dataclasses.fields(getattr(recipe, config_class))}[name]
+    config = getattr(recipe, config_class, None) or getattr(settings, config_class)
+    return {f.name: f.default for f in dataclasses.fields(config)}[name]
 
 
 def _split_and_out(command):
@@ -303,10 +306,13 @@ def capture_ultralytics(**options) -> None:
 @click.option("--before-after-nms", is_flag=True, help="Add the paper's Figure 1, Table 1 and Figure 2 (before/after NMS).")
 @click.option("--names", default=None, help="Comma-separated detector names, one per dump (default: the dump folder names).")
 @click.option("--gt", default=None, type=click.Path(path_type=str), help="Ground-truth COCO JSON (default: each dump's meta.json dataset.ann).")
-@click.option("--min-iou", default=0.5, show_default=True, type=float, help="Correlation pool: candidates with IoU >= this.")
-@click.option("--images", "num_images", default=6, show_default=True, type=int, help="Images shown one by one (Table 1 columns, scatters).")
-@click.option("--bootstrap", default=200, show_default=True, type=int, help="Bootstrap resamples of images for the 95% CIs.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Bootstrap seed.")
+@click.option("--min-iou", default=_default("CompareSettings", "min_iou"), show_default=True, type=float,
+              help="Correlation pool: candidates with IoU >= this.")
+@click.option("--images", "num_images", default=_default("CompareSettings", "num_images"), show_default=True, type=int,
+              help="Images shown one by one (Table 1 columns, scatters).")
+@click.option("--bootstrap", default=_default("CompareSettings", "bootstrap"), show_default=True, type=int,
+              help="Bootstrap resamples of images for the 95% CIs.")
+@click.option("--seed", default=_default("CompareSettings", "seed"), show_default=True, type=int, help="Bootstrap seed.")
 @click.option("--rescore", is_flag=True, help="Re-run NMS on each pre-NMS pool ranked by cls, obj, cls*obj, obj^a*cls^(1-a) and the true-IoU oracles.")
 @click.option("--alphas", default=None, help="Comma-separated α grid for --rescore [0,0.1,...,0.9].")
 @click.option("--rescore-thresh", type=float, default=None, metavar="T",

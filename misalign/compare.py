@@ -30,27 +30,12 @@ from misalign import counts
 from misalign.cocoeval import STAT_KEYS
 from misalign.errors import InputError
 from misalign.scan import HIST_BINS
+from misalign.settings import CompareSettings  # noqa: F401 (re-exported: the settings of compare)
 
 log = logging.getLogger(__name__)
 
 RETAIN_IOU = 0.5  # the rows every analysis of the retained candidates needs: iou >= this, or kept
 CONDITIONS = counts.CONDITION_KEYS  # Table 1's eleven, in the paper's order
-
-
-@dataclass
-class CompareSettings:
-    """The options of one comparison, validated (alphas parsed when rescoring)."""
-
-    names: list | str | None = None  # detector names in dump order; default the dump folder names
-    gt: str | None = None  # ground-truth COCO JSON; default the dumps' meta.json dataset.ann
-    before_after_nms: bool = False  # the paper's Figure 1, Table 1 and Figure 2 (their tables and data)
-    min_iou: float = 0.5  # correlation pool: candidates with iou >= min_iou
-    num_images: int = 6  # images shown one by one (Table 1 columns, Figure 1 scatters, Figure 2)
-    bootstrap: int = 200  # bootstrap resamples of images for the 95% CIs (0: no CIs)
-    seed: int = 0  # bootstrap seed (same seed and B for every dump: paired differences)
-    rescore: bool = False  # counterfactual rescoring: re-run NMS under other rankings
-    alphas: object = None  # α grid of rescore: '0,0.1,...' or numbers; default misalign.rescore.DEFAULT_ALPHAS
-    rescore_thresh: object = None  # T in [0, 1): a ranking's pool is its rows with score > T; None: the dump's pool
 
 
 @dataclass
@@ -158,17 +143,15 @@ class CompareResult:
         (folder / "metrics.json").write_text(json.dumps(self.metrics, indent=2, allow_nan=False) + "\n")
 
 
-def compare(dumps, gt=None, *, names=None, before_after_nms: bool = False, min_iou: float = 0.5, num_images: int = 6,
-            bootstrap: int = 200, seed: int = 0, rescore: bool = False, alphas=None,
-            rescore_thresh=None) -> CompareResult:
+def compare(dumps, gt=None, **options) -> CompareResult:
     """Validate and analyse the ledger folders `dumps` (one at a time) into one CompareResult.
 
-    InputError (one line, naming the report's option) for bad options, dumps of different
-    datasets or images, or ground truth that does not match.
+    options: the fields of misalign.settings.CompareSettings (names, before_after_nms, min_iou,
+    num_images, bootstrap, seed, rescore, alphas, rescore_thresh), with its defaults. InputError
+    (one line, naming the report's option) for bad options, dumps of different datasets or images,
+    or ground truth that does not match.
     """
-    settings = CompareSettings(names=names, gt=gt, before_after_nms=before_after_nms, min_iou=min_iou,
-                               num_images=num_images, bootstrap=bootstrap, seed=seed, rescore=rescore,
-                               alphas=alphas, rescore_thresh=rescore_thresh)
+    settings = CompareSettings(gt=gt, **options)
     dumps = [Path(d) for d in dumps]
     check_settings(settings, dumps)
     detectors, gt_path = _analyse_dumps(dumps, settings)

@@ -43,6 +43,7 @@ from misalign.correlation import (RankedPool, bootstrap_counts, correlation_pool
                                   spearman_influence)
 from misalign.errors import InputError
 from misalign.ledger import Ledger, read_ledger
+from misalign.settings import DEFAULT_BOOTSTRAP
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ BOX_COLUMNS = ("x1", "y1", "x2", "y2", "w", "h")
 # separately, filtered row group by row group, so the boxes of the pre-NMS pool are never in memory.
 STREAMED_ANALYSIS_COLUMNS = [c for c in ANALYSIS_COLUMNS if c not in BOX_COLUMNS]
 SCORE_COLUMNS = ("cls_score", "obj_score", "score")
-DEFAULT_BOOTSTRAP = 200  # resamples of images for the CIs
 # How the Spearman replicates are computed: 'exact' (RankedPool: the resample's own weighted
 # midranks, ~0.1 s per resample on a COCO-sized pool of 1.5 M rows and 3 score columns) or
 # 'linear' (the first-order term of the same replicate around the full sample, from each image's
