@@ -32,16 +32,15 @@ survive the addition of 2^20: a chunk holding one such row falls back to one `nm
 of two or more rows on the unshifted boxes (a lone box always survives, no call), exact again, at
 the loop's ~17 µs per group.
 
-The IoU-guided oracle needs to know which survivor suppressed which box. Per call, the IoU of
-every (survivor, suppressed) pair is recomputed on the same boxes with the kernel's own operations
-in the kernel's order, so the attribution sees the NMS's IoUs bit for bit: a suppressed box belongs
-to the first survivor in NMS order, ranked before it, with IoU > nms_thresh. The pairs span a whole
-chunk (its groups are apart, so cross-group pairs have IoU 0), which makes oracle_nms cost about four
-times one ranking's NMS, once per dump.
+The IoU-guided oracle needs to know which survivor suppressed which box. The IoU of every
+(survivor, suppressed) pair of a group is recomputed with the kernel's own operations in the
+kernel's order, so the attribution sees the NMS's IoUs bit for bit: a suppressed box belongs to the
+first survivor in NMS order, ranked before it, with IoU > nms_thresh. The pairs of all groups are
+formed at once, in batches (no Python loop over groups or calls).
 
 Public API:
 - CHUNK_ROWS
-- plan_nms(image_id, category_id, boxes) -> NmsPlan; nms_survivors(plan, scores, nms_thresh) -> [N] bool
+- plan_nms(image_id, category_id, boxes) -> NmsPlan; nms_survivors(plan, scores, nms_thresh, rows=None) -> [N] bool
 - nms_clusters(plan, scores, nms_thresh) -> ([N] bool survivor, [N] int64 suppressor row)
 - nms_with_attribution(boxes, scores, categories, nms_thresh, max_det) -> ([N] kept, [N] suppressed_by), one image
 """
@@ -54,12 +53,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.ops import nms
+import torchvision  # noqa: F401 (registers torch.ops.torchvision)
 
 from misalign.boxes import nms_suppressors
 
 log = logging.getLogger(__name__)
 
+# torchvision.ops.nms's kernel, called without its Python wrapper (API-usage logging, checks: ~20 µs
+# a call, a second per ranking at 20 k calls)
+nms = torch.ops.torchvision.nms
 CHUNK_ROWS = 256  # rows per torchvision nms call (whole groups); 128-512 measured equally fast
 _OFFSET_LIMIT = 2 ** 24  # shifted coordinates stay below this (float64 then holds float32 values exactly)
 
@@ -82,6 +84,8 @@ class NmsPlan:
     starts: np.ndarray  # [C] first sorted position of each call
     singles: np.ndarray  # [M] sorted positions of one-row groups outside every call (they always survive)
     span: float  # offset between consecutive groups of a chunk (px, a power of two)
+    boxes: np.ndarray  # [N, 4] float64 the boxes at each sorted position, unshifted (for who-suppressed-whom)
+    group_starts: np.ndarray  # [G] first sorted position of each (image, category) group
     inexact_chunks: int = 0  # chunks that fell back to per-group calls (some shifted coordinate rounded)
 
 
@@ -117,7 +121,8 @@ def plan_nms(image_id, category_id, boxes, chunk_rows: int = CHUNK_ROWS) -> NmsP
     num = len(image_id)
     if num == 0:
         return NmsPlan(order=np.zeros(0, np.int64), chunks=[], starts=np.zeros(0, np.int64),
-                       singles=np.zeros(0, np.int64), span=1.0)
+                       singles=np.zeros(0, np.int64), span=1.0, boxes=np.zeros((0, 4)),
+                       group_starts=np.zeros(0, np.int64))
     order, group_starts = _group_starts(image_id, category_id)
     shift = math.floor(float(boxes[:, :2].min()))  # all shifted coordinates >= 0, so offset groups never meet
     extent = float(boxes[:, 2:].max()) - shift
@@ -143,55 +148,80 @@ def plan_nms(image_id, category_id, boxes, chunk_rows: int = CHUNK_ROWS) -> NmsP
                   int((~exact_chunk).sum()), len(starts), int(multi.sum()))
     return NmsPlan(order=order, chunks=[torch.from_numpy(np.ascontiguousarray(b)) for _, b in calls],
                    starts=np.array([s for s, _ in calls], np.int64), singles=singles.astype(np.int64), span=span,
-                   inexact_chunks=int((~exact_chunk).sum()))
+                   boxes=original, group_starts=group_starts, inexact_chunks=int((~exact_chunk).sum()))
 
 
-def _calls(plan: NmsPlan, scores, nms_thresh: float):
-    """Yield (first sorted position, boxes [n, 4] tensor, scores [n] tensor, keep [k] tensor) per nms call.
+def _calls(plan: NmsPlan, scores, nms_thresh: float, rows=None):
+    """Yield (first sorted position, positions [n] within the call, boxes [n, 4] tensor, scores [n]
+    tensor, keep [k] tensor) per nms call; keep: indices into the call's boxes in NMS order (score
+    descending, ties in row order).
 
-    keep: positions within the call in NMS order (score descending, ties in row order).
+    rows: [N] bool (row order), the rows that take part (None: all). It must be closed upwards in
+    each group's NMS order (every row ranked above a chosen row of its group is chosen): greedy NMS
+    decides a box by the boxes ranked above it only, so the chosen rows survive exactly as they do
+    in the whole pool. Each call is then cut to its chosen rows (calls without any are skipped).
     """
     sorted_scores = torch.from_numpy(np.ascontiguousarray(np.asarray(scores, np.float64)[plan.order]))  # [N]
+    chosen = None if rows is None else np.asarray(rows, bool)[plan.order]  # [N] sorted positions
     for boxes, start in zip(plan.chunks, plan.starts.tolist()):
+        positions = np.arange(start, start + len(boxes))
         call_scores = sorted_scores[start:start + len(boxes)]
-        yield start, boxes, call_scores, nms(boxes, call_scores, float(nms_thresh))
+        if chosen is not None:
+            inside = chosen[start:start + len(boxes)]
+            if not inside.any():
+                continue
+            if not inside.all():
+                local = torch.from_numpy(np.flatnonzero(inside))
+                positions, boxes, call_scores = positions[inside], boxes[local], call_scores[local]
+        yield positions, boxes, call_scores, nms(boxes, call_scores, float(nms_thresh))
 
 
-def nms_survivors(plan: NmsPlan, scores, nms_thresh: float) -> np.ndarray:
+def _singles(plan: NmsPlan, rows=None) -> np.ndarray:
+    """Rows (row order) of the one-row groups outside every call: survivors whatever the scores."""
+    singles = plan.order[plan.singles]
+    return singles if rows is None else singles[np.asarray(rows, bool)[singles]]
+
+
+def nms_survivors(plan: NmsPlan, scores, nms_thresh: float, rows=None) -> np.ndarray:
     """[N] bool, row order: the survivors of greedy NMS per (image, category) ranked by `scores` [N].
 
     torchvision.ops.nms per call of the plan (IoU > nms_thresh suppresses; ties in row order).
+    rows: [N] bool, only these rows (closed upwards in NMS order, see `_calls`); others are False.
     """
     num = len(plan.order)
     survivor = np.zeros(num, bool)
     if num == 0:
         return survivor
-    starts, keeps = [], []
-    for start, _, _, keep in _calls(plan, scores, nms_thresh):
-        starts.append(start)
-        keeps.append(keep)
-    if keeps:
-        lengths = torch.tensor([len(k) for k in keeps])
-        positions = torch.cat(keeps) + torch.tensor(starts, dtype=torch.int64).repeat_interleave(lengths)
-        survivor[plan.order[positions.numpy()]] = True
-    survivor[plan.order[plan.singles]] = True
+    kept = [positions[keep.numpy()] for positions, _, _, keep in _calls(plan, scores, nms_thresh, rows)]
+    if kept:
+        survivor[plan.order[np.concatenate(kept)]] = True
+    survivor[_singles(plan, rows)] = True
     return survivor
 
 
 def _kernel_iou(first: np.ndarray, later: np.ndarray) -> np.ndarray:
-    """[K, 4], [S, 4] xyxy float64 -> [K, S] IoU, computed as torchvision's CPU nms kernel does.
+    """[P, 4], [P, 4] xyxy float64 -> [P] IoU of each pair, computed as torchvision's CPU nms kernel does.
 
     Same operations in the same order (area (x2 − x1)·(y2 − y1), w = max(0, min x2 − max x1),
     inter / ((area_first + area_later) − inter)), so a comparison with the threshold agrees with
     the NMS's bit for bit; no clipping of areas (the kernel has none). 0/0 gives NaN, never > thresh.
     """
-    area_first = (first[:, 2] - first[:, 0]) * (first[:, 3] - first[:, 1])  # [K]
-    area_later = (later[:, 2] - later[:, 0]) * (later[:, 3] - later[:, 1])  # [S]
-    w = np.maximum(0.0, np.minimum(first[:, None, 2], later[None, :, 2]) - np.maximum(first[:, None, 0], later[None, :, 0]))
-    h = np.maximum(0.0, np.minimum(first[:, None, 3], later[None, :, 3]) - np.maximum(first[:, None, 1], later[None, :, 1]))
-    inter = w * h  # [K, S]
+    area_first = (first[:, 2] - first[:, 0]) * (first[:, 3] - first[:, 1])
+    area_later = (later[:, 2] - later[:, 0]) * (later[:, 3] - later[:, 1])
+    w = np.maximum(0.0, np.minimum(first[:, 2], later[:, 2]) - np.maximum(first[:, 0], later[:, 0]))
+    h = np.maximum(0.0, np.minimum(first[:, 3], later[:, 3]) - np.maximum(first[:, 1], later[:, 1]))
+    inter = w * h
     with np.errstate(invalid="ignore", divide="ignore"):
-        return inter / ((area_first[:, None] + area_later[None, :]) - inter)
+        return inter / ((area_first + area_later) - inter)
+
+
+PAIR_BATCH = 1 << 22  # (survivor, suppressed) pairs whose IoU is computed at once (~300 MB of temporaries)
+
+
+def _ragged_arange(counts: np.ndarray) -> np.ndarray:
+    """[sum(counts)] 0..c-1 for each c of `counts`, concatenated."""
+    ends = np.cumsum(counts)
+    return np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts, counts)
 
 
 def nms_clusters(plan: NmsPlan, scores, nms_thresh: float) -> tuple[np.ndarray, np.ndarray]:
@@ -199,25 +229,36 @@ def nms_clusters(plan: NmsPlan, scores, nms_thresh: float) -> tuple[np.ndarray, 
 
     scores [N]. Returns survivor [N] bool and suppressor [N] int64 (row order): the row of the first
     survivor, in NMS order, ranked before the row with IoU > nms_thresh; -1 for survivors.
+
+    Every (survivor, suppressed) pair of the same group is formed, a batch of groups at a time, and
+    its IoU recomputed on the unshifted boxes with the kernel's own operations (shifting exactly
+    changes no IoU bit, see the module doc), so the attribution sees the NMS's IoUs bit for bit.
     """
+    survivor = nms_survivors(plan, scores, nms_thresh)
     num = len(plan.order)
-    survivor = np.zeros(num, bool)
     suppressor = np.full(num, -1, np.int64)
-    for start, boxes, call_scores, keep in _calls(plan, scores, nms_thresh):
-        keep = keep.numpy()  # [K] NMS order
-        rows = plan.order[start:start + len(boxes)]  # [n]
-        survivor[rows[keep]] = True
-        lost = np.setdiff1d(np.arange(len(boxes)), keep)  # [S]
-        if not len(lost):
-            continue
-        rank = np.empty(len(boxes), np.int64)  # [n] NMS order: score descending, ties in row order (stable)
-        rank[np.argsort(-call_scores.numpy(), kind="stable")] = np.arange(len(boxes))
-        box = boxes.numpy()
-        valid = (_kernel_iou(box[keep], box[lost]) > nms_thresh) & (rank[keep][:, None] < rank[lost][None, :])  # [K, S]
-        first = valid.argmax(axis=0)  # [S] keep is in NMS order: the first True is the suppressor
-        # every suppressed row has one (the IoUs are the kernel's own); -1 would only mark a broken kernel
-        suppressor[rows[lost]] = np.where(valid.any(axis=0), rows[keep][first], -1)
-    survivor[plan.order[plan.singles]] = True
+    if num == 0:
+        return survivor, suppressor
+    score = np.asarray(scores, np.float64)[plan.order]  # [N] sorted positions from here on
+    alive = survivor[plan.order]
+    group = np.repeat(np.arange(len(plan.group_starts)), np.diff(np.r_[plan.group_starts, num]))  # [N]
+    kept = np.flatnonzero(alive)
+    kept = kept[np.lexsort((kept, -score[kept], group[kept]))]  # [K] by group, in NMS order within it
+    lost = np.flatnonzero(~alive)  # [S] by group
+    num_groups = len(plan.group_starts)
+    kept_per_group = np.bincount(group[kept], minlength=num_groups)
+    first_kept = np.cumsum(kept_per_group) - kept_per_group  # [G] where a group's survivors start in `kept`
+    pairs = kept_per_group[group[lost]]  # [S] candidates for each suppressed position's suppressor
+    batch_of = np.cumsum(pairs) // PAIR_BATCH  # [S] lost positions in batches of about PAIR_BATCH pairs
+    cuts = np.r_[0, np.flatnonzero(np.diff(batch_of)) + 1, len(lost)]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        l_pos = np.repeat(lost[lo:hi], pairs[lo:hi])  # [P] suppressed position of each pair
+        k_pos = kept[np.repeat(first_kept[group[lost[lo:hi]]], pairs[lo:hi]) + _ragged_arange(pairs[lo:hi])]
+        before = (score[k_pos] > score[l_pos]) | ((score[k_pos] == score[l_pos]) & (k_pos < l_pos))  # NMS order
+        valid = np.flatnonzero((_kernel_iou(plan.boxes[k_pos], plan.boxes[l_pos]) > nms_thresh) & before)
+        # a suppressed position's pairs run in its group's NMS order: its first valid one is the suppressor
+        first = np.r_[True, l_pos[valid[1:]] != l_pos[valid[:-1]]] if len(valid) else np.zeros(0, bool)
+        suppressor[plan.order[l_pos[valid[first]]]] = plan.order[k_pos[valid[first]]]
     return survivor, suppressor
 
 

@@ -37,7 +37,7 @@ Public API:
 - parse_rescore_thresh(value) -> float | None
 - unavailable_reason(meta) -> str | None; nms_settings(meta) -> dict
 - ranking_scores(candidates, alphas) -> ({ranking: [N] score}, {ranking: why skipped})
-- cap_per_image(image_id, scores, survivor, max_det) -> [N] bool
+- ImageSlots.of(image_id); cap_per_image(image_id, scores, survivor, max_det, slots=None) -> [N] bool
 - rescored_kept(candidates, scores, nms_thresh, max_det, plan=None, pool=None) -> [N] bool
 - oracle_nms_kept(candidates, nms_thresh, max_det, plan=None, pool=None) -> ([N] bool, [N] score)
 - rescore(ledger, gt=None, *, alphas, rescore_thresh=None, actual_ap=None, ap_backend="auto") -> RescoreResult
@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +61,7 @@ from misalign.ledger import Ledger, read_ledger
 
 log = logging.getLogger(__name__)
 
+PRUNE_DEPTH = 3  # rescoring's NMS runs first on each image's PRUNE_DEPTH x max_det best rows
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(10))  # 0, 0.1, ..., 0.9: the paper's Table 5 grid
 RESCORE_COLUMNS = ("image_id", "category_id", "x1", "y1", "x2", "y2", "w", "h", "cls_score", "obj_score",
                    "score", "kept", "iou")  # the candidates columns rescoring reads
@@ -176,19 +179,69 @@ def nms_settings(meta: dict) -> dict:
 # --- NMS (misalign.nms) -------------------------------------------------------------------------
 
 
-def cap_per_image(image_id, scores, survivor, max_det: int) -> np.ndarray:
+@dataclass
+class ImageSlots:
+    """Each pool row's image (0..I-1) and its slot within the image: the layout of a [I, max rows]
+    matrix of the pool's scores, built once per dump."""
+
+    image: np.ndarray  # [N] int64
+    slot: np.ndarray  # [N] int64
+    rows_per_image: np.ndarray  # [I]
+
+    @classmethod
+    def of(cls, image_id) -> "ImageSlots":
+        _, image, rows_per_image = np.unique(np.asarray(image_id), return_inverse=True, return_counts=True)
+        image = image.reshape(-1)
+        order = np.argsort(image, kind="stable")
+        slot = np.empty(len(image), np.int64)
+        slot[order] = np.arange(len(image)) - np.repeat(np.cumsum(rows_per_image) - rows_per_image, rows_per_image)
+        return cls(image=image, slot=slot, rows_per_image=rows_per_image)
+
+
+    def kth_largest(self, values: np.ndarray, k: int) -> np.ndarray | None:
+        """[I] the k-th largest of `values` [N] in each image (-inf where an image has fewer rows), by
+        np.partition of a [I, max rows] matrix: linear time, no sort. None when no image has more
+        than k rows (nothing to cut) or the images' sizes are too uneven (over 4 cells a row)."""
+        widest = int(self.rows_per_image.max(initial=0))
+        if k >= widest or len(self.rows_per_image) * widest > 4 * len(values):
+            return None
+        matrix = np.full((len(self.rows_per_image), widest), -np.inf)
+        matrix[self.image, self.slot] = values
+        return -np.partition(-matrix, k - 1, axis=1)[:, k - 1]
+
+
+def best_rows_per_image(slots: ImageSlots, key: np.ndarray, depth: int):
+    """[N] bool: each image's rows with `key` at least its depth-th largest (ties: all), or None
+    for every row (see ImageSlots.kth_largest).
+
+    Closed upwards in every group's NMS order by `key` (a row ranked above a chosen row has at least
+    its key), so `nms_survivors(..., rows=this)` decides the chosen rows exactly.
+    """
+    kth = slots.kth_largest(key, depth)
+    return None if kth is None else key >= kth[slots.image]
+
+
+def cap_per_image(image_id, scores, survivor, max_det: int, slots: ImageSlots | None = None) -> np.ndarray:
     """[N] bool: the survivors among the best `max_det` survivors of their image by score (ties: row order).
 
-    image_id, scores, survivor [N] (row order).
+    image_id, scores, survivor [N] (row order); slots: the rows' ImageSlots (built if None).
+    The max_det-th best survivor's score is found per image without sorting (ImageSlots.kth_largest);
+    only the survivors tied with it are ordered.
     """
-    image_id, scores = np.asarray(image_id), np.asarray(scores, np.float64)
-    rows = np.flatnonzero(survivor)  # [S] ascending
-    by_score = rows[np.argsort(-scores[rows], kind="stable")]  # [S] score desc, ties in row order
-    ranked = by_score[np.argsort(image_id[by_score], kind="stable")]  # [S] by image, then as above
-    img = image_id[ranked]
-    rank = np.arange(len(ranked)) - np.searchsorted(img, img, side="left")  # [S] 0 = best of its image
-    kept = np.zeros(len(survivor), bool)
-    kept[ranked[rank < max_det]] = True
+    scores = np.asarray(scores, np.float64)
+    slots = ImageSlots.of(image_id) if slots is None else slots
+    kth = slots.kth_largest(np.where(survivor, scores, -np.inf), max_det)
+    if kth is None:  # no image has more than max_det rows
+        return np.asarray(survivor, bool).copy()
+    limit = kth[slots.image]  # [N]
+    above = survivor & (scores > limit)
+    tied = np.flatnonzero(survivor & (scores == limit))  # [T] ascending: row order
+    room = max_det - np.bincount(slots.image[above], minlength=len(kth))  # [I] places left for ties
+    tied = tied[np.argsort(slots.image[tied], kind="stable")]  # by image, row order within
+    img = slots.image[tied]
+    rank = np.arange(len(tied)) - np.searchsorted(img, img, side="left")  # [T] 0 = first tie of its image
+    kept = above
+    kept[tied[rank < room[img]]] = True
     return kept
 
 
@@ -202,26 +255,43 @@ def _pool_key(scores: np.ndarray, pool) -> np.ndarray:
 
 
 def rescored_kept(candidates: pd.DataFrame, scores, nms_thresh: float, max_det: int,
-                  plan: NmsPlan | None = None, pool=None) -> np.ndarray:
+                  plan: NmsPlan | None = None, pool=None, slots: ImageSlots | None = None) -> np.ndarray:
     """[N] bool: what the detector would keep ranking its pool by `scores` [N] (NMS, then max_det).
 
     candidates: image_id, category_id, x1..y2 [N]; plan: `plan_nms` of the same rows (built if None);
-    pool: [N] bool, the rows that take part (None: all), e.g. score > --rescore-thresh.
+    pool: [N] bool, the rows that take part (None: all), e.g. score > --rescore-thresh; slots: the
+    rows' ImageSlots (built if None).
+
+    Only the best max_det survivors of an image are kept, so NMS runs first on each image's
+    PRUNE_DEPTH × max_det best rows (`best_rows_per_image`: their survival is exact). An image
+    whose best rows leave fewer than max_det survivors is run again on all its rows. The result is
+    the NMS of every row; the pruning only skips rows that could not be kept.
     """
     from misalign.nms import nms_survivors
 
     image_id = candidates["image_id"].to_numpy(np.int64)
-    if plan is None:
-        plan = _plan_of(candidates)
+    plan = _plan_of(candidates) if plan is None else plan
+    slots = ImageSlots.of(image_id) if slots is None else slots
     scores = np.asarray(scores, np.float64)
-    survivor = nms_survivors(plan, _pool_key(scores, pool), nms_thresh)
+    key = _pool_key(scores, pool)
+    chosen = best_rows_per_image(slots, key, PRUNE_DEPTH * max_det)
+    survivor = nms_survivors(plan, key, nms_thresh, rows=chosen)
     if pool is not None:
         survivor &= pool
-    return cap_per_image(image_id, scores, survivor, max_det)
+    if chosen is not None:
+        num_images = len(slots.rows_per_image)
+        short = np.bincount(slots.image[survivor], minlength=num_images) < max_det  # [I]
+        short &= np.bincount(slots.image[~chosen], minlength=num_images) > 0  # rows were left out
+        if short.any():
+            again = short[slots.image]  # [N] every row of those images
+            survivor[again] = nms_survivors(plan, key, nms_thresh, rows=again)[again]
+            if pool is not None:
+                survivor &= pool
+    return cap_per_image(image_id, scores, survivor, max_det, slots)
 
 
 def oracle_nms_kept(candidates: pd.DataFrame, nms_thresh: float, max_det: int, plan: NmsPlan | None = None,
-                    pool=None) -> tuple[np.ndarray, np.ndarray]:
+                    pool=None, slots: ImageSlots | None = None) -> tuple[np.ndarray, np.ndarray]:
     """IoU-guided NMS (IoU-Net) with the true IoU: (kept [N] bool, detection score [N] float64).
 
     candidates: image_id, category_id, x1..y2, iou, score [N]. Per (image, category), greedy NMS
@@ -247,7 +317,7 @@ def oracle_nms_kept(candidates: pd.DataFrame, nms_thresh: float, max_det: int, p
     cluster = score.copy()  # [N]
     joined = np.flatnonzero(suppressor >= 0)
     np.maximum.at(cluster, suppressor[joined], score[joined])
-    return cap_per_image(image_id, cluster, survivor, max_det), cluster
+    return cap_per_image(image_id, cluster, survivor, max_det, slots), cluster
 
 
 def _plan_of(candidates: pd.DataFrame) -> NmsPlan:
@@ -298,6 +368,12 @@ def _scored_rows(candidates: pd.DataFrame, kept: np.ndarray, scores: np.ndarray)
     return rows.assign(score=scores[kept])
 
 
+def rescore_workers(num_tasks: int) -> int:
+    """Threads for the rankings' NMS: one per core this process may use (at most one per ranking)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(num_tasks, cores))
+
+
 def _three(stats: dict) -> dict:
     return {key: float(stats[key]) for key in AP_KEYS}
 
@@ -331,27 +407,39 @@ def rescore(ledger, gt=None, *, alphas=DEFAULT_ALPHAS, rescore_thresh=None, actu
     nms_thresh, max_det = settings["nms_thresh"], settings["max_det"]
     start = time.perf_counter()
     plan = _plan_of(cands)
+    slots = ImageSlots.of(cands["image_id"].to_numpy(np.int64))
     scores, skipped = ranking_scores(cands, alphas)
     own = cands["score"].to_numpy(np.float64)  # [N] the oracles' pool filter
-    computed, num_kept, done = {}, {}, {}
     names = [name for name in ranking_names(alphas) if name in scores or name == "oracle_nms"]
-    for name in tqdm(names, desc=f"rescoring {ledger.name}", unit="ranking", disable=None):
+    tasks = {}  # NMS key digest -> (its first ranking, pool): rankings with equal keys and pools share one run
+    task_of = {}
+    for name in names:
         filter_by = own if name in ORACLES else scores.get(name)
         pool = None if thresh is None else filter_by > thresh  # [N] strict, like the detector's score_thresh
+        key = b"oracle_nms" if name == "oracle_nms" else _pool_key(scores[name], pool).tobytes()
+        task_of[name] = hashlib.blake2b(key, digest_size=16).digest()
+        tasks.setdefault(task_of[name], (name, pool))
+
+    def kept_and_scores(name, pool):
+        """One ranking's kept rows and their detection scores (NMS only: threads run these side by side)."""
         if name == "oracle_nms":
-            kept, detection = oracle_nms_kept(cands, nms_thresh, max_det, plan, pool)
-            computed[name] = _three(evaluate_ap(coco_gt, _scored_rows(cands, kept, detection), image_ids))
-            num_kept[name] = int(kept.sum())
-            continue
-        score = scores[name]
-        digest = hashlib.blake2b(_pool_key(score, pool).tobytes(), digest_size=16).digest()
-        if digest not in done:
-            kept = rescored_kept(cands, score, nms_thresh, max_det, plan, pool)
-            done[digest] = (_three(evaluate_ap(coco_gt, _scored_rows(cands, kept, score), image_ids)), int(kept.sum()))
-        computed[name], num_kept[name] = done[digest]
+            return oracle_nms_kept(cands, nms_thresh, max_det, plan, pool, slots)
+        return rescored_kept(cands, scores[name], nms_thresh, max_det, plan, pool, slots), scores[name]
+
+    # The NMS kernel and numpy's sorts release the GIL, so rankings run on every core; COCOeval
+    # runs in this thread, one ranking at a time, as each NMS finishes (its engines redirect stdout).
+    done = {}
+    with ThreadPoolExecutor(max_workers=rescore_workers(len(tasks))) as pool_executor:
+        futures = {digest: pool_executor.submit(kept_and_scores, *task) for digest, task in tasks.items()}
+        for digest, future in tqdm(futures.items(), desc=f"rescoring {ledger.name}", unit="ranking", disable=None):
+            kept, detection = future.result()
+            done[digest] = (_three(evaluate_ap(coco_gt, _scored_rows(cands, kept, detection), image_ids)),
+                            int(kept.sum()))
+    computed = {name: done[task_of[name]][0] for name in names}
+    num_kept = {name: done[task_of[name]][1] for name in names}
     if actual_ap is None:
         actual_ap = evaluate_ap(coco_gt, cands[cands["kept"].to_numpy()], image_ids)
     log.info("rescored %s: %d rankings (%d NMS + COCOeval runs) in %.1f s", ledger.name, len(computed),
-             len(done) + 1, time.perf_counter() - start)
+             len(done), time.perf_counter() - start)
     return RescoreResult(rankings=computed, actual=_three(actual_ap), num_kept=num_kept, skipped=skipped,
                          settings=settings)

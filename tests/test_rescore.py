@@ -204,6 +204,30 @@ def test_nms_matches_slow_greedy_reference(conf, ranking):
     assert no_cut.sum() > fast.sum() and no_cut.sum() < len(c)
 
 
+def test_pruned_nms_reruns_images_whose_best_rows_leave_too_few_survivors():
+    """Each image: a tight cluster of 40 boxes scored 0.9..0.5 (one survivor) and 30 boxes apart
+    scored 0.1..0.24, tied in pairs. With max_det 4 the NMS first sees each image's 12 best rows, all
+    in the cluster, one survivor: too few, so the image is run again on every row; the cut at
+    max_det then splits the pair tied at 0.23 in row order. The slow greedy reference decides."""
+    from misalign.rescore import ImageSlots, best_rows_per_image, rescored_kept
+
+    rows = []
+    for image_id in (1, 2, 3):
+        for k in range(40):
+            rows.append((image_id, 1, 10.0 + 0.01 * k, 10.0, 60.0, 50.0, 0.9 - 0.01 * k))
+        for k in range(30):
+            x = 100.0 + 30 * k
+            rows.append((image_id, 1, x, 100.0, x + 20, 120.0, 0.1 + 0.01 * (k // 2)))
+    c = pd.DataFrame(rows, columns=["image_id", "category_id", "x1", "y1", "x2", "y2", "score"])
+    scores = c["score"].to_numpy()
+    kept = rescored_kept(c, scores, 0.5, 4)
+    np.testing.assert_array_equal(kept, reference_kept(c, scores, 0.5, 4))
+    chosen = best_rows_per_image(ImageSlots.of(c["image_id"].to_numpy()), scores, 12)
+    assert (kept & ~chosen).sum() == 3 * 3  # the rerun found each image's 3 boxes apart
+    tied = np.isclose(scores, 0.23)
+    assert (kept & tied).sum() == 3 and (tied.sum() == 6)  # one of each image's tied pair: the first row
+
+
 def test_nms_agrees_with_the_importers_per_image_nms(conf):
     from misalign.nms import nms_with_attribution
     from misalign.rescore import ranking_scores, rescored_kept
