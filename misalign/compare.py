@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from misalign import counts
+from misalign import counts, suppression
 from misalign.cocoeval import STAT_KEYS
 from misalign.errors import InputError
 
@@ -72,6 +72,7 @@ class DetectorResult:
     per_image_proportions: pd.DataFrame | None = None  # Figure 2 per image (shown images; pre-NMS dumps only)
     rescoring: object = None  # misalign.rescore.RescoreResult; None when not rescored
     rescore_note: str | None = None  # why it could not be rescored (post-NMS only, no nms_thresh)
+    gallery: pd.DataFrame | None = None  # misalign.suppression gallery cases (CASE_COLUMNS); None: post-NMS only
 
 
 @dataclass
@@ -316,7 +317,7 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     gt_path = ground_truth_path(settings.gt, folders, metas)
     coco_gt = load_ground_truth(gt_path)
     shown_ids = images_to_show(image_tables[0], settings.num_images)
-    results = []
+    results, gallery_gts = [], None  # the gallery's ground truths: the first pre-NMS dump's worst losses
     for folder, name in zip(folders, names):
         # rescoring re-runs NMS on every box; otherwise only the kept rows' boxes are read (for AP)
         ledger = read_ledger(folder, columns=ANALYSIS_COLUMNS if settings.rescore else STREAMED_ANALYSIS_COLUMNS)
@@ -327,6 +328,8 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
         rescoring, note = _rescore(ledger, analysis, coco_gt, settings) if settings.rescore else (None, None)
         results.append(_detector_result(ledger, analysis, name, shown_ids))
         results[-1].rescoring, results[-1].rescore_note = rescoring, note
+        analysis.metrics["suppression"], results[-1].gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts)
+        gallery_gts = results[-1].gallery["gt_id"] if gallery_gts is None and ledger.pre_nms else gallery_gts
         del ledger
     return results, gt_path
 
@@ -480,6 +483,21 @@ def rescoring_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["detector", "ranking", "AP", "AP50", "AP75", "delta_AP", "kept"])
 
 
+def suppression_frame(metrics: dict, names: list[str]) -> pd.DataFrame:
+    """One row per detector: metrics.json `suppression` (None for a post-NMS-only dump)."""
+    rows = [{"detector": n, **(_get(metrics["detectors"][n], "suppression") or {})} for n in names]
+    return pd.DataFrame(rows, columns=["detector", *suppression.METRIC_KEYS])
+
+
+def gallery_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
+    """The gallery's cases, one row per (ground truth, pre-NMS detector), by rank then dump order."""
+    frames = [d.gallery.assign(detector=d.name) for d in detectors if d.gallery is not None]
+    columns = ["rank", "detector", *[c for c in suppression.CASE_COLUMNS if c != "rank"]]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True).sort_values("rank", kind="stable")[columns].reset_index(drop=True)
+
+
 def provenance_frame(detectors: list[DetectorResult], settings: CompareSettings) -> pd.DataFrame:
     """One row per detector: its dump, model, split, post-processing settings, size and the report's parameters."""
     rows = []
@@ -516,6 +534,8 @@ def build_tables(detectors, metrics, settings: CompareSettings, columns) -> dict
         if any(d.pre_nms for d in detectors):
             tables["proportions"] = proportions_frame(metrics, names)
     tables["correlation"] = correlation_frame(metrics, names)
+    tables["suppression"] = suppression_frame(metrics, names)
+    tables["gallery"] = gallery_frame(detectors)
     rescored = [d for d in detectors if d.rescoring is not None]
     if settings.rescore and rescored:
         tables["rescoring"] = rescoring_frame(rescored)
