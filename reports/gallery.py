@@ -29,9 +29,11 @@ BOX_ZORDER = {"kept": 2, "suppressed": 3, "gt": 4}
 EDGES = ("x1", "y1", "x2", "y2")
 MARGIN = 0.25  # crop margin around a row's boxes, as a share of their larger side
 MIN_MARGIN = 6  # px: a tiny object still shows its surroundings
-SINGLE_COLUMNS = 4  # one detector: cases wrapped at this many panels per row
+SINGLE_COLUMNS = 4  # panels per row (as blocks of whole cases; a case of more detectors takes a row alone)
 TEXT_BAND = 0.5  # inches under a panel for its two lines of numbers
 TITLE_BAND = 0.36  # inches above a panel for its title
+NAME_BAND = 0.1  # several detectors: extra inches above a panel's title for the detector's name
+CASE_BAND = 0.3  # several detectors: inches above a block of panels for the case's title
 MIN_WIDTH = 7.6  # inches: the one-row legend fits
 HALO = [patheffects.withStroke(linewidth=3.0, foreground="white")]  # boxes stay visible on any image
 
@@ -133,24 +135,29 @@ def _verdict(row) -> str:
 
 
 def figure_gallery(cases: dict[str, pd.DataFrame], palette: dict):
-    """The gallery: for one detector a grid of its cases; for several, a row per case and a column per
-    detector (colour-coded titles). cases: detector -> its gallery frame (misalign.suppression.CASE_COLUMNS),
-    every frame of the same ground truths in the same rank order."""
+    """The gallery: one block per case (ground truth), a panel per detector in it, blocks wrapped so that
+    about SINGLE_COLUMNS panels make a row. Every panel of a block shows the same crop; with several
+    detectors each panel is headed by the detector's name in its colour and the block by the case.
+    cases: detector -> its gallery frame (misalign.suppression.CASE_COLUMNS), every frame of the same
+    ground truths in the same rank order."""
     import matplotlib.pyplot as plt
 
     names = list(cases)
     frames = [cases[n] for n in names]
     ranks = frames[0]["rank"].tolist()
     several = len(names) > 1
-    ncols = len(names) if several else min(len(ranks), SINGLE_COLUMNS)
-    nrows = len(ranks) if several else math.ceil(len(ranks) / ncols)
-    panel = 1.75 if ncols <= F.MANY_DETECTORS + 1 else 1.5
-    gap_w, left = 0.22, (1.45 if several else 0.2)
-    head = F.LEGEND_BAND + (0.3 if several else 0.0)  # legend, then the detector names above the columns
-    content_w = left + ncols * panel + (ncols - 1) * gap_w + 0.2
+    per_row = max(1, SINGLE_COLUMNS // len(names))  # blocks per row
+    block_rows = math.ceil(len(ranks) / per_row)
+    panel = 1.75 if len(names) <= SINGLE_COLUMNS else 1.5
+    gap_w, block_gap = 0.22, (0.5 if several else 0.22)
+    case_band = CASE_BAND if several else 0.0  # the block's title above its panels' names
+    name_band = NAME_BAND if several else 0.0
+    block_w = len(names) * panel + (len(names) - 1) * gap_w
+    content_w = min(per_row, len(ranks)) * (block_w + block_gap) - block_gap + 0.4
     fig_w = max(content_w, MIN_WIDTH)
-    left += (fig_w - content_w) / 2  # a narrow gallery is centred under its legend
-    fig_h = head + nrows * (TITLE_BAND + panel + TEXT_BAND) + 0.1
+    left = 0.2 + (fig_w - content_w) / 2  # a narrow gallery is centred under its legend
+    row_h = case_band + name_band + TITLE_BAND + panel + TEXT_BAND
+    fig_h = F.LEGEND_BAND + block_rows * row_h + 0.1
     fig = plt.figure(figsize=(fig_w, fig_h))
     fig.fixed_layout = True
     images = {}
@@ -161,31 +168,24 @@ def figure_gallery(cases: dict[str, pd.DataFrame], palette: dict):
             images[path] = _load_image(path)
         return images.get(path)
 
-    def axes_at(r, c):
-        x = (left + c * (panel + gap_w)) / fig_w
-        y = 1 - (head + r * (TITLE_BAND + panel + TEXT_BAND) + TITLE_BAND + panel) / fig_h
-        return fig.add_axes((x, y, panel / fig_w, panel / fig_h))
-
     for i, rank in enumerate(ranks):
         rows = [f[f["rank"] == rank].iloc[0] for f in frames]
-        first = rows[0]
-        image = image_of(first)
+        image = image_of(rows[0])
         h, w = (image.shape[:2] if image is not None else (np.inf, np.inf))
         window = crop_window(_row_boxes(frames, rank), w, h)
+        block_row, block_col = divmod(i, per_row)
+        x0 = left + block_col * (block_w + block_gap)
+        top = F.LEGEND_BAND + block_row * row_h  # inches from the figure's top
         if several:
-            for c, (name, row) in enumerate(zip(names, rows)):
-                _panel(axes_at(i, c), row, window, image, _verdict(row))
-            label = _case_label(first).replace(" · ", "\n")
-            fig.text((left - 1.35) / fig_w, 1 - (head + i * (TITLE_BAND + panel + TEXT_BAND) + TITLE_BAND + panel / 2) / fig_h,
-                     label, ha="left", va="center", fontsize=8)
-        else:
-            r, c = divmod(i, ncols)
-            _panel(axes_at(r, c), first, window, image, f"{_case_label(first)}\n{_verdict(first)}")
-    if several:
-        for c, name in enumerate(names):
-            x = (left + c * (panel + gap_w) + panel / 2) / fig_w
-            fig.text(x, 1 - (F.LEGEND_BAND + 0.12) / fig_h, name, ha="center", va="center", fontsize=9,
-                     fontweight="bold", color=palette.get(name, "black"))
+            fig.text((x0 + block_w / 2) / fig_w, 1 - (top + case_band / 2) / fig_h, _case_label(rows[0]),
+                     ha="center", va="center", fontsize=9, fontweight="bold")
+        y = 1 - (top + case_band + name_band + TITLE_BAND + panel) / fig_h
+        for c, (name, row) in enumerate(zip(names, rows)):
+            ax = fig.add_axes(((x0 + c * (panel + gap_w)) / fig_w, y, panel / fig_w, panel / fig_h))
+            _panel(ax, row, window, image, _verdict(row) if several else f"{_case_label(row)}\n{_verdict(row)}")
+            if several:
+                ax.annotate(name, xy=(0.5, 1.0), xycoords="axes fraction", xytext=(0, 15), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=8.5, fontweight="bold", color=palette.get(name, "black"))
     handles = [Line2D([], [], color=color, ls=style, lw=1.8) for color, style, _ in BOX_STYLES.values()]
     return F._finish(fig, handles, [label for _, _, label in BOX_STYLES.values()], ncol=3)
 
