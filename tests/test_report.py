@@ -340,6 +340,22 @@ def test_gallery_draws_crops_from_the_recorded_image_files(ledgers, tmp_path):
     assert saved.size == image.size and np.array_equal(np.asarray(saved), np.asarray(image))
 
 
+def test_gallery_with_its_image_folder_gone_says_so_and_gives_the_table(ledgers, tmp_path):
+    dump = _copy(ledgers["conf"], tmp_path / "conf")
+    meta = json.loads((dump / "meta.json").read_text())
+    meta["dataset"]["images"] = str(tmp_path / "moved")
+    (dump / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "r"
+    result = run("report", dump, "--out", out, "--images", "1", "--bootstrap", "0")
+    assert result.exit_code == 0, (result.output, result.exception)
+    section = _section((out / "index.html").read_text(), "gallery", "correlation")
+    cases = pd.read_csv(out / "tables" / "gallery.csv")
+    assert len(cases) == 8 and not cases["image_found"].any()
+    assert cases["image_file"].iloc[0].startswith(str(tmp_path / "moved") + "/")
+    assert f"The image files are not found (first: {cases['image_file'].iloc[0]})" in section and "<img" not in section
+    assert 'data-table="gallery"' in section and section.count("#1 · gt") == 1
+
+
 def test_gallery_panels_draw_the_cases_boxes():
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
