@@ -325,11 +325,11 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
         log.info("analysing %s (%d candidates)", name, len(ledger.candidates))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
                            seed=settings.seed)
+        analysis.metrics["suppression"], gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts)
+        gallery_gts = gallery["gt_id"] if gallery_gts is None and gallery is not None else gallery_gts
         rescoring, note = _rescore(ledger, analysis, coco_gt, settings) if settings.rescore else (None, None)
         results.append(_detector_result(ledger, analysis, name, shown_ids))
-        results[-1].rescoring, results[-1].rescore_note = rescoring, note
-        analysis.metrics["suppression"], results[-1].gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts)
-        gallery_gts = results[-1].gallery["gt_id"] if gallery_gts is None and ledger.pre_nms else gallery_gts
+        results[-1].rescoring, results[-1].rescore_note, results[-1].gallery = rescoring, note, gallery
         del ledger
     return results, gt_path
 
