@@ -358,6 +358,7 @@ def test_gallery_with_its_image_folder_gone_says_so_and_gives_the_table(ledgers,
 
 def test_gallery_panels_draw_the_cases_boxes():
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
     from matplotlib.patches import Rectangle
 
     from reports.gallery import BOX_STYLES, figure_gallery
@@ -373,7 +374,7 @@ def test_gallery_panels_draw_the_cases_boxes():
     (ax,) = fig.axes
     rects = {r.get_edgecolor(): r for r in ax.patches if isinstance(r, Rectangle)}
     for prefix, (color, _, _) in BOX_STYLES.items():
-        r = rects[matplotlib_rgba(color)]
+        r = rects[to_rgba(color)]
         assert (r.get_x(), r.get_y(), r.get_width(), r.get_height()) == (
             case[f"{prefix}_x1"], case[f"{prefix}_y1"], case[f"{prefix}_x2"] - case[f"{prefix}_x1"],
             case[f"{prefix}_y2"] - case[f"{prefix}_y1"])
@@ -383,12 +384,6 @@ def test_gallery_panels_draw_the_cases_boxes():
     x1, x2 = ax.get_xlim()
     assert x1 <= 0 and x2 >= 51  # the crop holds every box
     plt.close(fig)
-
-
-def matplotlib_rgba(color):
-    from matplotlib.colors import to_rgba
-
-    return to_rgba(color)
 
 
 def test_ten_detectors_share_one_palette_and_stay_in_rows():
