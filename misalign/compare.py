@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from misalign import counts
+from misalign import counts, suppression
 from misalign.cocoeval import STAT_KEYS
 from misalign.errors import InputError
 from misalign.scan import HIST_BINS
@@ -58,6 +58,7 @@ class DetectorResult:
     per_image_proportions: pd.DataFrame | None = None  # Figure 2 per image (shown images; pre-NMS dumps only)
     rescoring: object = None  # misalign.rescore.RescoreResult; None when not rescored
     rescore_note: str | None = None  # why it could not be rescored (post-NMS only, no nms_thresh)
+    gallery: pd.DataFrame | None = None  # misalign.suppression gallery cases (CASE_COLUMNS); None: post-NMS only
 
 
 @dataclass
@@ -295,16 +296,21 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     gt_path = ground_truth_path(settings.gt, folders, metas)
     coco_gt = load_ground_truth(gt_path)
     shown_ids = images_to_show(image_tables[0], settings.num_images)
-    results = []
+    results, gallery_gts = [], None  # the gallery's ground truths: the first pre-NMS dump's worst losses
+    columns = [*STREAMED_ANALYSIS_COLUMNS, *(c for c in suppression.SUPPRESSION_COLUMNS
+                                              if c not in STREAMED_ANALYSIS_COLUMNS)]
     for folder, name, meta, images in zip(folders, names, metas, image_tables):
         # every analysis of the retained rows pools iou >= RETAIN_IOU (or the correlation's own floor) or kept rows
-        ledger, scan = read_scanned(folder, STREAMED_ANALYSIS_COLUMNS, retain_iou=min(settings.min_iou, RETAIN_IOU),
+        ledger, scan = read_scanned(folder, columns, retain_iou=min(settings.min_iou, RETAIN_IOU),
                                     shown_ids=shown_ids, meta=meta, images=images)
         check_ground_truth(ledger, coco_gt, str(gt_path))
         log.info("analysing %s (%d candidates, %d retained)", name, scan.num_rows, len(scan.retained))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
                            seed=settings.seed, candidate_counts=scan.counts, score_columns=scan.score_columns)
+        analysis.metrics["suppression"], gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts)
+        gallery_gts = gallery["gt_id"] if gallery_gts is None and gallery is not None else gallery_gts
         results.append(_detector_result(ledger, scan, analysis, name, shown_ids))
+        results[-1].gallery = gallery
         del ledger, scan
         if settings.rescore:  # rescoring re-runs NMS on every box: the whole pool, with boxes
             full = read_ledger(folder, columns=ANALYSIS_COLUMNS)
@@ -462,6 +468,21 @@ def rescoring_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["detector", "ranking", "AP", "AP50", "AP75", "delta_AP", "kept"])
 
 
+def suppression_frame(metrics: dict, names: list[str]) -> pd.DataFrame:
+    """One row per detector: metrics.json `suppression` (None for a post-NMS-only dump)."""
+    rows = [{"detector": n, **(_get(metrics["detectors"][n], "suppression") or {})} for n in names]
+    return pd.DataFrame(rows, columns=["detector", *suppression.METRIC_KEYS])
+
+
+def gallery_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
+    """The gallery's cases, one row per (ground truth, pre-NMS detector), by rank then dump order."""
+    frames = [d.gallery.assign(detector=d.name) for d in detectors if d.gallery is not None]
+    columns = ["rank", "detector", *[c for c in suppression.CASE_COLUMNS if c != "rank"]]
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(frames, ignore_index=True).sort_values("rank", kind="stable")[columns].reset_index(drop=True)
+
+
 def provenance_frame(detectors: list[DetectorResult], settings: CompareSettings) -> pd.DataFrame:
     """One row per detector: its dump, model, split, post-processing settings, size and the report's parameters."""
     rows = []
@@ -498,6 +519,8 @@ def build_tables(detectors, metrics, settings: CompareSettings, columns) -> dict
         if any(d.pre_nms for d in detectors):
             tables["proportions"] = proportions_frame(metrics, names)
     tables["correlation"] = correlation_frame(metrics, names)
+    tables["suppression"] = suppression_frame(metrics, names)
+    tables["gallery"] = gallery_frame(detectors)
     rescored = [d for d in detectors if d.rescoring is not None]
     if settings.rescore and rescored:
         tables["rescoring"] = rescoring_frame(rescored)

@@ -19,6 +19,7 @@ from pathlib import Path
 from misalign.compare import CompareSettings
 
 from . import figures as F
+from . import gallery as G
 from . import tables as T
 from .figures import Figure
 from .tables import Table
@@ -103,6 +104,30 @@ def rescoring_section(result, palette) -> dict | None:
     return section
 
 
+def gallery_section(result, palette) -> dict:
+    """The 'Suppression losses' section: the metrics table, the gallery of crops, its cases table, notes."""
+    notes = []
+    if result.post_nms_only:
+        notes.append(f"{', '.join(result.post_nms_only)}: post-NMS only (meta.json pre_nms false): no suppressed box "
+                     "is recorded, so no suppression losses (– in the table, null in metrics.json) and no gallery panels.")
+    with_cases = [d for d in result.detectors if d.gallery is not None]
+    cases = with_cases[0].gallery if with_cases else None
+    if cases is not None and not len(cases):
+        notes.append(f"{with_cases[0].name} has no suppression loss: the gallery, made of its worst ones, is empty.")
+    figure = G.gallery_section_figure(result, palette)
+    if cases is not None and len(cases) and figure is None:
+        unrecorded = [d.name for d in with_cases if d.gallery["image_file"].isna().all()]
+        if unrecorded:
+            notes.append(f"{', '.join(unrecorded)}: meta.json records no image folder (dataset.images), as for a ledger "
+                         "made elsewhere, so the gallery has no image crops; its cases are in the table below.")
+        else:
+            notes.append(f"The image files are not found (first: {cases['image_file'].iloc[0]}), so the gallery has no "
+                         "image crops; its cases are in the table below.")
+    return {"notes": notes, "table": T.suppression_table(result, palette), "figure": figure,
+            "cases": T.gallery_table(result, palette) if cases is not None and len(cases) else None,
+            "reference": with_cases[0].name if with_cases else None}
+
+
 BOOTSTRAP_METHOD_TEXT = {
     "exact": "exact replicates: Spearman ρ of each resample, its rows repeated as often as their image was drawn",
     "linear": "linearised replicates: for each resample, ρ plus the sum over images of (times drawn − 1) × the "
@@ -156,6 +181,7 @@ def build_context(result) -> dict:
         "correlation": {"notes": correlation_notes, "figure": F.correlation_section_figure(result, palette),
                         "table": T.correlation_table(result, palette)},
         "rescoring": rescoring_section(result, palette),
+        "gallery": gallery_section(result, palette),
         "coco": {"table": T.coco_table(result, palette), "figure": F.ap_section_figure(result, palette)},
         "provenance": {"table": T.provenance_table(result, palette),
                        "meta": [{"name": d.name, "path": str(d.folder), "json": meta_json_text(d.meta)}

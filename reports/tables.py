@@ -284,3 +284,45 @@ def provenance_table(result, palette) -> Table:
         formats={"images": fmt_count, "candidates": fmt_count, "kept": fmt_count, "alpha": lambda v: f"{v:g}",
                  "score_thresh": lambda v: f"{v:g}", "nms_thresh": lambda v: f"{v:g}", "min_iou": lambda v: f"{v:g}"},
         left=text_cols, colors=palette)
+
+
+def suppression_table(result, palette) -> Table:
+    """metrics.json `suppression` per detector (tables/suppression.csv)."""
+    frame = result.tables["suppression"].rename(columns={"mean_iou_gap": "mean IoU gap"})
+    return Table("suppression", frame, (
+        "Per detector: ground truths whose best candidate has IoU ≥ 0.5 (eligible), those among them whose best "
+        "candidate NMS suppressed while the best kept box is ≥ 0.1 IoU worse (losses), their share (rate), and the "
+        "mean of best IoU − best kept IoU over the losses (metrics.json 'suppression').",
+        "A high rate means NMS often keeps a worse box of an object the detector had found well: the score ranked "
+        "the better box below it. – : a post-NMS-only dump records no suppressed box."),
+        formats={"losses": fmt_count, "eligible": fmt_count, "rate": fmt_percent(1), "mean IoU gap": fmt_float(3)},
+        colors=palette)
+
+
+def _suppressor_text(row) -> str | None:
+    if row["best_fate"] != "suppressed":
+        return None
+    return "the kept box" if row["suppressed_by_kept"] else f"another box (cand {row['suppressed_by']})"
+
+
+def gallery_table(result, palette) -> Table:
+    """The gallery's cases (tables/gallery.csv): a group per ground truth, a row per detector."""
+    frame = result.tables["gallery"]
+    shown = pd.DataFrame({
+        "case": [f"#{r + 1} · gt {g}{f' ({c})' if c else ''} · image {i}"
+                 for r, g, c, i in zip(frame["rank"], frame["gt_id"], frame["category"], frame["image_id"])],
+        "detector": frame["detector"], "best IoU": frame["best_any"],
+        "kept score": frame["kept_score"], "kept IoU": frame["kept_iou"],
+        "suppressed score": frame["suppressed_score"], "suppressed IoU": frame["suppressed_iou"],
+        "gap": frame["gap"], "loss": frame["loss"].map({True: "yes", False: "no"}),
+        "best box": frame["best_fate"], "suppressed by": [_suppressor_text(r) for r in frame.to_dict("records")],
+    })
+    return Table("gallery", shown, (
+        "The gallery's ground truths, one group each: per detector the IoU of its best candidate, the score and IoU "
+        "of the box NMS kept (the kept candidate with the highest IoU) and of the better box it suppressed, the gap "
+        "(best IoU − best kept IoU) and whether it is a loss.",
+        "'best box': what became of the best candidate (kept; suppressed by NMS; cut by max_det after surviving NMS; "
+        "none with IoU ≥ 0.5); 'suppressed by': the box whose survival suppressed it."),
+        formats={c: fmt_float(3) for c in ("best IoU", "kept score", "kept IoU", "suppressed score", "suppressed IoU",
+                                           "gap")},
+        left=("loss", "best box", "suppressed by"), colors=palette, groups="case")

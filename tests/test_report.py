@@ -26,11 +26,12 @@ from scipy import stats
 from cli import main
 from misalign.cocoeval import ENGINE_NAMES
 from misalign.synthetic import synthetic_ledger
+from reference import slow_suppression
 
 SIZES = dict(num_images=10, cands_per_image=120, num_categories=4, gt_per_image=4, kept_per_image=15)
 REPORT_ARGS = ["--images", "2", "--bootstrap", "30", "--seed", "3"]
-SECTION_IDS = ("summary", "differences", "before-after", "figure1", "table1", "figure2", "correlation", "coco",
-               "provenance")
+SECTION_IDS = ("summary", "differences", "before-after", "figure1", "table1", "figure2", "gallery", "correlation",
+               "coco", "provenance")
 
 
 def run(*args):
@@ -90,10 +91,14 @@ def test_metrics_json_is_compute_metrics_unchanged(ledgers, pair_report):
     from misalign.metrics import compute_metrics
 
     metrics = json.loads((pair_report / "metrics.json").read_text())
+    suppression = {name: m.pop("suppression") for name, m in metrics["detectors"].items()}  # compare adds it
     expected = {"schema": 1, "detectors": {
         name: compute_metrics(ledgers[name], ledgers["gt"], min_iou=0.5, bootstrap=30, seed=3)
         for name in ("base", "conf")}}
     assert metrics == json_normalised(expected)
+    for name in ("base", "conf"):  # the suppression losses: the plain loops of tests/reference.py
+        rows = pd.read_parquet(ledgers[name] / "candidates.parquet").to_dict("records")
+        assert suppression[name] == slow_suppression(rows)[1] and suppression[name]["losses"] > 0
     # the keys of metrics.json (misalign.metrics.metrics_document)
     assert list(metrics) == ["schema", "detectors"] and list(metrics["detectors"]) == ["base", "conf"]
     conditions = [f"cls>{t:g}" for t in (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)] + [f"iou>{t:g}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)]
@@ -262,9 +267,123 @@ def test_no_obj_and_post_nms_only_dumps_degrade_gracefully(ledgers, tmp_path):
     assert "imported: post-NMS only" in html and "no before-NMS panels" in html
     assert "imported: post-NMS only — correlations are over its kept boxes" in html
     assert "imported: no raw_counts" in html
+    assert metrics["imported"]["suppression"] == {"losses": None, "eligible": None, "rate": None, "mean_iou_gap": None}
+    assert "imported: post-NMS only (meta.json pre_nms false): no suppressed box" in html
     table1 = pd.read_csv(out / "tables" / "table1_imported.csv")
     assert set(table1["stage"]) == {"post_nms"}
     decoded_images(html)
+
+
+def _section(html: str, section: str, following: str) -> str:
+    return html[html.index(f'<section id="{section}"'):html.index(f'<section id="{following}"')]
+
+
+def test_suppression_section_without_image_files_says_so_and_gives_the_tables(ledgers, pair_report):
+    html = (pair_report / "index.html").read_text()
+    section = _section(html, "gallery", "correlation")
+    metrics = json.loads((pair_report / "metrics.json").read_text())["detectors"]
+    # synthetic ledgers record no image folder: a note, no crops, the cases still in a table
+    assert "base, conf: meta.json records no image folder (dataset.images)" in section
+    assert "<img" not in section and not (pair_report / "figures" / "gallery.png").exists()
+    table = pd.read_csv(pair_report / "tables" / "suppression.csv").set_index("detector")
+    for name in ("base", "conf"):
+        m = metrics[name]["suppression"]
+        assert table.loc[name, "losses"] == m["losses"] and table.loc[name, "eligible"] == m["eligible"]
+        assert table.loc[name, "rate"] == pytest.approx(m["rate"], abs=1e-15)
+        assert table.loc[name, "mean_iou_gap"] == pytest.approx(m["mean_iou_gap"], abs=1e-15)
+        row = re.search(rf'{name}</td><td class="">{m["losses"]:,}</td><td class="">{m["eligible"]:,}</td>'
+                        rf'<td class="">([^<]+)</td><td class="">([^<]+)</td>', section)
+        assert row and row.groups() == (f"{100 * m['rate']:.1f}%", f"{m['mean_iou_gap']:.3f}"), name
+    # the gallery: base's worst losses by gap (the plain loops' gaps), conf's numbers for the same ground truths
+    cases = pd.read_csv(pair_report / "tables" / "gallery.csv")
+    per_gt, _ = slow_suppression(pd.read_parquet(ledgers["base"] / "candidates.parquet").to_dict("records"))
+    worst = sorted((g for g, v in per_gt.items() if v["loss"]), key=lambda g: (-per_gt[g]["gap"], g))[:8]
+    base, conf = cases[cases["detector"] == "base"], cases[cases["detector"] == "conf"]
+    assert base["gt_id"].tolist() == conf["gt_id"].tolist() == worst
+    assert base["gap"].tolist() == [per_gt[g]["gap"] for g in worst] and base["loss"].all()
+    per_gt_conf, _ = slow_suppression(pd.read_parquet(ledgers["conf"] / "candidates.parquet").to_dict("records"))
+    assert conf["loss"].tolist() == [per_gt_conf[g]["loss"] for g in worst]
+    assert cases["rank"].tolist() == sorted(cases["rank"].tolist())  # a case's detectors together
+    for row in base.itertuples():  # every case is a group of the page's cases table, with its numbers
+        assert f"#{row.rank + 1} · gt {row.gt_id}" in section
+        cells = re.search(rf'{re.escape(f"#{row.rank + 1} · gt {row.gt_id}")}[^<]*</td></tr><tr>(.*?)</tr>', section)
+        texts = re.findall(r"<td[^>]*>(?:<span[^>]*></span>)?([^<]*)</td>", cells.group(1))
+        kept = "–" if np.isnan(row.kept_score) else f"{row.kept_score:.3f}"  # a loss without a kept box
+        assert texts[:7] == ["base", f"{row.best_any:.3f}", kept, kept if kept == "–" else f"{row.kept_iou:.3f}",
+                             f"{row.suppressed_score:.3f}", f"{row.suppressed_iou:.3f}", f"{row.gap:.3f}"], texts
+
+
+def test_gallery_draws_crops_from_the_recorded_image_files(ledgers, tmp_path):
+    gt = json.loads(ledgers["gt"].read_text())
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for image in gt["images"]:
+        pixels = rng.integers(0, 255, (image["height"], image["width"], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / image["file_name"])
+    dumps = []
+    for name in ("base", "conf"):
+        dump = _copy(ledgers[name], tmp_path / name)
+        meta = json.loads((dump / "meta.json").read_text())
+        meta["dataset"]["images"] = str(folder)
+        (dump / "meta.json").write_text(json.dumps(meta))
+        dumps.append(dump)
+    out = tmp_path / "r"
+    result = run("report", *dumps, "--out", out, "--images", "1", "--bootstrap", "0")
+    assert result.exit_code == 0, (result.output, result.exception)
+    html = (out / "index.html").read_text()
+    section = _section(html, "gallery", "correlation")
+    assert "records no image folder" not in section and "not found" not in section
+    assert 'id="fig-gallery"' in section
+    (image,) = decoded_images(section)
+    saved = Image.open(out / "figures" / "gallery.png")
+    assert saved.size == image.size and np.array_equal(np.asarray(saved), np.asarray(image))
+
+
+def test_gallery_with_its_image_folder_gone_says_so_and_gives_the_table(ledgers, tmp_path):
+    dump = _copy(ledgers["conf"], tmp_path / "conf")
+    meta = json.loads((dump / "meta.json").read_text())
+    meta["dataset"]["images"] = str(tmp_path / "moved")
+    (dump / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "r"
+    result = run("report", dump, "--out", out, "--images", "1", "--bootstrap", "0")
+    assert result.exit_code == 0, (result.output, result.exception)
+    section = _section((out / "index.html").read_text(), "gallery", "correlation")
+    cases = pd.read_csv(out / "tables" / "gallery.csv")
+    assert len(cases) == 8 and not cases["image_found"].any()
+    assert cases["image_file"].iloc[0].startswith(str(tmp_path / "moved") + "/")
+    assert f"The image files are not found (first: {cases['image_file'].iloc[0]})" in section and "<img" not in section
+    assert 'data-table="gallery"' in section and section.count("#1 · gt") == 1
+
+
+def test_gallery_panels_draw_the_cases_boxes():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Rectangle
+
+    from reports.gallery import BOX_STYLES, figure_gallery
+
+    case = {"rank": 0, "gt_id": 5, "image_id": 1, "best_any": 0.9, "best_kept": 0.6, "gap": 0.3, "loss": True,
+            "best_fate": "suppressed", "kept_cand_id": 3, "kept_score": 0.8, "kept_iou": 0.6,
+            "suppressed_cand_id": 4, "suppressed_score": 0.3, "suppressed_iou": 0.9, "suppressed_by": 3,
+            "suppressed_by_kept": True, "category_id": 1, "category": "cat", "gt_x1": 10.0, "gt_y1": 20.0,
+            "gt_x2": 50.0, "gt_y2": 60.0, "kept_x1": 0.0, "kept_y1": 15.0, "kept_x2": 45.0, "kept_y2": 70.0,
+            "suppressed_x1": 12.0, "suppressed_y1": 21.0, "suppressed_x2": 51.0, "suppressed_y2": 58.0,
+            "image_file": None, "image_found": False}
+    fig = figure_gallery({"a": pd.DataFrame([case])}, {"a": "#000000"})
+    (ax,) = fig.axes
+    rects = {r.get_edgecolor(): r for r in ax.patches if isinstance(r, Rectangle)}
+    for prefix, (color, _, _) in BOX_STYLES.items():
+        r = rects[to_rgba(color)]
+        assert (r.get_x(), r.get_y(), r.get_width(), r.get_height()) == (
+            case[f"{prefix}_x1"], case[f"{prefix}_y1"], case[f"{prefix}_x2"] - case[f"{prefix}_x1"],
+            case[f"{prefix}_y2"] - case[f"{prefix}_y1"])
+    texts = [t.get_text() for t in ax.texts]
+    assert "kept 0.80 · IoU 0.60" in texts and "suppr. 0.30 · IoU 0.90" in texts
+    assert ax.get_title() == "#1 · gt 5 cat · image 1\ngap 0.30: loss"
+    x1, x2 = ax.get_xlim()
+    assert x1 <= 0 and x2 >= 51  # the crop holds every box
+    plt.close(fig)
 
 
 def test_ten_detectors_share_one_palette_and_stay_in_rows():

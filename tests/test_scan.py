@@ -11,7 +11,7 @@ import pytest
 from misalign import counts
 from misalign.compare import compare, json_safe
 from misalign.ledger import read_ledger
-from misalign.metrics import ANALYSIS_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze
+from misalign.metrics import STREAMED_ANALYSIS_COLUMNS, analyze
 from misalign.scan import HIST_BINS, read_scanned
 from misalign.synthetic import synthetic_ledger
 
@@ -61,7 +61,12 @@ def test_tallies_and_retained_rows_equal_whole_ledger_references(small_groups, m
 
 def test_streamed_report_metrics_equal_the_in_memory_analysis(small_groups):
     folder, gt = small_groups
+    from misalign.suppression import per_gt_table, suppression_metrics
+
     streamed = compare([folder], gt, before_after_nms=True, bootstrap=30).metrics["detectors"]["dump"]
-    in_memory = json_safe(analyze(read_ledger(folder, ANALYSIS_COLUMNS), gt, name="dump", bootstrap=30).metrics)
+    full = read_ledger(folder)
+    in_memory = json_safe(analyze(full, gt, name="dump", bootstrap=30).metrics)
+    # the suppression losses from the retained rows only, against every row of the ledger
+    assert streamed.pop("suppression") == json_safe(suppression_metrics(per_gt_table(full.candidates)))
     assert streamed == in_memory
     assert streamed["counts"]["pre_nms"]["iou>0.5"] > streamed["counts"]["post_nms"]["iou>0.5"] > 0
