@@ -72,6 +72,8 @@ class DetectorResult:
     per_image_proportions: pd.DataFrame | None = None  # Figure 2 per image (shown images; pre-NMS dumps only)
     rescoring: object = None  # misalign.rescore.RescoreResult; None when not rescored
     rescore_note: str | None = None  # why it could not be rescored (post-NMS only, no nms_thresh)
+    errors: object = None  # misalign.tide.ErrorSplit (the errors bar chart, errors.csv)
+    calibration: object = None  # misalign.calibration.Calibration (reliability diagrams, obj vs IoU, calibration.csv)
 
 
 @dataclass
@@ -303,8 +305,10 @@ def _detector_result(ledger, analysis, name: str, shown_ids) -> DetectorResult:
 def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list[DetectorResult], Path]:
     """Validate and analyse every dump (one ledger in memory at a time); returns their results and the gt path."""
     from misalign.ledger import read_images, read_ledger, read_meta, validate_ledger
+    from misalign.cocoeval import hotcoco_ground_truth
     from misalign.metrics import (ANALYSIS_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze, check_ground_truth,
                                   load_ground_truth)
+    from misalign.tide import LOSS_COLUMNS
 
     names = detector_names(folders, settings.names)
     for folder in folders:
@@ -315,11 +319,13 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     check_same_dataset(folders, metas, image_sets, gt_given=bool(settings.gt))
     gt_path = ground_truth_path(settings.gt, folders, metas)
     coco_gt = load_ground_truth(gt_path)
+    hot_gt = hotcoco_ground_truth(coco_gt, gt_path)  # TIDE's split and COCO's matching of each kept box
     shown_ids = images_to_show(image_tables[0], settings.num_images)
     results = []
     for folder, name in zip(folders, names):
         # rescoring re-runs NMS on every box; otherwise only the kept rows' boxes are read (for AP)
-        ledger = read_ledger(folder, columns=ANALYSIS_COLUMNS if settings.rescore else STREAMED_ANALYSIS_COLUMNS)
+        columns = ANALYSIS_COLUMNS if settings.rescore else STREAMED_ANALYSIS_COLUMNS
+        ledger = read_ledger(folder, columns=columns + [c for c in LOSS_COLUMNS if c not in columns])
         check_ground_truth(ledger, coco_gt, str(gt_path))
         log.info("analysing %s (%d candidates)", name, len(ledger.candidates))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
@@ -327,6 +333,7 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
         rescoring, note = _rescore(ledger, analysis, coco_gt, settings) if settings.rescore else (None, None)
         results.append(_detector_result(ledger, analysis, name, shown_ids))
         results[-1].rescoring, results[-1].rescore_note = rescoring, note
+        results[-1].errors, results[-1].calibration = _errors_and_calibration(ledger, analysis, coco_gt, hot_gt)
         del ledger
     return results, gt_path
 
@@ -342,6 +349,50 @@ def _rescore(ledger, analysis, coco_gt, settings: CompareSettings):
                                          rescore_thresh=settings.rescore_thresh, actual_ap=analysis.metrics["ap"])
     analysis.metrics.update(result.metrics() if result else unavailable_metrics())
     return result, reason
+
+
+KEPT_COLUMNS = ["image_id", "x1", "y1", "w", "h", "score", "category_id", "cls_score", "obj_score"]
+
+
+def _errors_and_calibration(ledger, analysis, coco_gt, hot_gt):
+    """(misalign.tide.ErrorSplit, misalign.calibration.Calibration) of one dump; adds metrics.json's
+    `errors`, `calibration` and `obj_vs_iou` to the analysis (docs/methods.md, Errors and Calibration).
+
+    One hotcoco evaluation of the kept boxes gives TIDE's split and COCO's matching (calibration's
+    targets); the NMS counterfactual takes one more AP evaluation, when it changes any box.
+    """
+    from misalign import calibration as C
+    from misalign import tide
+    from misalign.cocoeval import diagnose_detections, evaluate_detections, ground_truth_boxes
+    from misalign.ledger import read_candidate_rows, read_candidates
+
+    cands, image_ids = ledger.candidates, analysis.image_ids
+    kept = read_candidates(ledger.folder, KEPT_COLUMNS, kept_only=True)  # the detector's output, file order
+    detections = kept[KEPT_COLUMNS[:7]].to_numpy(np.float64)  # evaluate_detections' layout
+    diagnosis = diagnose_detections(hot_gt, detections, image_ids, C.MATCH_THRESHOLDS)
+    ap50, nms_ap50, losses, replacements, note = analysis.metrics["ap"]["AP50"], None, None, None, None
+    if ledger.pre_nms:
+        lost = tide.suppression_losses(cands[tide.LOSS_COLUMNS])
+        edits = tide.nms_replacements(lost, cands["kept"].to_numpy(bool))
+        losses, replacements = len(lost), len(edits)
+        nms_ap50 = ap50  # no edit: the same output, the same AP
+        if len(edits):
+            source = cands["cand_id"].to_numpy(np.int64)[edits["source_row"].to_numpy(np.int64)]
+            boxes = read_candidate_rows(ledger.folder, source, list(tide.AP_BOX_COLUMNS)).set_index("cand_id")
+            changed = tide.replaced_detections(detections, np.flatnonzero(cands["kept"].to_numpy(bool)), edits,
+                                               boxes.loc[source, list(tide.AP_BOX_COLUMNS)].to_numpy(np.float64))
+            nms_ap50 = evaluate_detections(coco_gt, changed, image_ids)["AP50"]
+    else:
+        note = "post-NMS only: no suppressed candidates to give back"
+    errors = tide.error_split(diagnosis, ap50, nms_ap50, losses, replacements, note)
+    calibration = C.calibration(kept, diagnosis.matches, ground_truth_boxes(hot_gt))
+    if "obj_score" in cands.columns and np.isfinite(cands["obj_score"].to_numpy()).any():
+        calibration.obj_vs_iou, calibration.obj_bins = C.obj_vs_iou(cands["obj_score"].to_numpy(),
+                                                                    cands["iou"].to_numpy())
+        calibration.obj_pool = "pre_nms" if ledger.pre_nms else "post_nms"
+    analysis.metrics.update({"errors": errors.metrics(), "calibration": calibration.columns,
+                             "obj_vs_iou": calibration.obj_vs_iou})
+    return errors, calibration
 
 
 def figure1_columns(detectors: list[DetectorResult]) -> list[str]:

@@ -405,6 +405,36 @@ def read_candidates(folder, columns=None, kept_only: bool = False) -> pd.DataFra
     return frame[columns]
 
 
+def read_candidate_rows(folder, cand_ids, columns) -> pd.DataFrame:
+    """The rows of candidates.parquet whose `cand_id` is in `cand_ids`, in file order, with `cand_id`
+    and `columns` as `read_candidates` gives them (a schema-1 file's w, h derived from the corners).
+
+    Filtered row group by row group, like kept_only: a few rows of a large pool are read without
+    holding its other rows (misalign.tide reads the boxes of the suppressed candidates it needs).
+    """
+    import pyarrow.compute as pc
+
+    path = Path(folder) / CANDIDATES
+    columns = [c for c in columns if c != "cand_id"]
+    present = set(_parquet_schema(path).names)
+    derived = {"w": ("x1", "x2"), "h": ("y1", "y2")}
+    absent = [c for c in columns if c in derived and c not in present]
+    stored = ["cand_id", *[c for c in columns if c not in absent]]
+    stored += sorted({edge for c in absent for edge in derived[c]} - set(stored))
+    _check_schema(path, CANDIDATE_SCHEMA, stored)
+    wanted = pa.array(np.unique(np.asarray(cand_ids, np.int64)))
+    tables = [t.filter(pc.is_in(t.column("cand_id"), value_set=wanted)) for t in iter_batches(path, stored)]
+    table = pa.concat_tables(tables) if tables else pq.read_table(parquet_parts(path)[0], columns=stored).slice(0, 0)
+    frame = table.to_pandas()
+    for column in stored:
+        if CANDIDATE_SCHEMA.field(column).type == _F64 and frame[column].dtype != np.float64:
+            frame[column] = frame[column].astype(np.float64)  # a schema-1 float32 box, exactly
+    for column in absent:
+        lo, hi = derived[column]
+        frame[column] = frame[hi].to_numpy(np.float64) - frame[lo].to_numpy(np.float64)
+    return frame[["cand_id", *columns]]
+
+
 def read_images(folder) -> pd.DataFrame:
     """images.parquet as a DataFrame (IMAGE_SCHEMA)."""
     return _read_table(Path(folder) / IMAGES, IMAGE_SCHEMA, None)

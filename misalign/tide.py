@@ -1,0 +1,150 @@
+"""The errors of one dump: TIDE's split (Bolya et al. 2020) plus the AP that NMS's suppressions cost.
+
+TIDE's six ΔAP (Cls, Loc, Both, Dupe, Bkg, Miss, at its thresholds t_f = 0.5, t_b = 0.1) come from
+hotcoco through misalign.cocoeval.diagnose_detections; this module adds the seventh, NMS, and puts
+them together. All are in COCO AP50 units: hotcoco's split starts from COCOeval's AP50 and the NMS
+counterfactual is scored by misalign.cocoeval.evaluate_detections, whose AP50 is the same number
+(docs/methods.md, "Errors").
+
+NMS. A suppression loss (`suppression_losses`) is a non-crowd ground-truth box g whose best
+candidate, by `iou`, reaches IoU >= 0.5, beats every kept candidate of g by >= 0.1 IoU, and was
+suppressed by NMS (`suppressed_by` >= 0). The counterfactual (`nms_replacements`) gives each loss
+its best candidate: the kept box of g with the highest IoU has its box replaced by the suppressed
+best one and keeps its own score and category; when g has no kept candidate, the box that
+suppressed the best one takes its place if that box was kept, and nothing changes otherwise. A kept
+box is replaced once at most. ΔAP(NMS) = AP50(replaced) − AP50(actual), not clipped at 0.
+
+Only numpy and pandas; no torch (tests/test_boundaries.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from misalign.cocoeval import TIDE_KEYS
+
+ERROR_KEYS = (*TIDE_KEYS, "NMS")  # metrics.json errors, in this order
+# What the suppression losses read of every candidate (docs/ledger.md); boxes are read for the few rows that need them.
+LOSS_COLUMNS = ["cand_id", "gt_id", "iou", "kept", "suppressed_by", "score"]
+LOSS_MIN_IOU = 0.5  # a loss's best candidate has iou >= this
+LOSS_MIN_GAIN = 0.1  # ... and beats every kept candidate of its ground truth by >= this
+AP_BOX_COLUMNS = ("x1", "y1", "w", "h")  # what COCOeval reads of a box
+
+
+@dataclass
+class ErrorSplit:
+    """One dump's errors: metrics.json `errors` and what the report's bar chart and errors.csv show."""
+
+    delta_ap: dict  # ERROR_KEYS -> ΔAP (AP50 units); NMS None without a pre-NMS pool
+    counts: dict = field(default_factory=dict)  # TIDE_KEYS -> errors of that type; NMS -> suppression losses
+    ap50: float | None = None  # the AP50 every ΔAP is measured from
+    nms_replaced: int | None = None  # kept boxes whose box the NMS counterfactual replaced
+    nms_note: str | None = None  # why NMS is None
+
+    def metrics(self) -> dict:
+        return {key: self.delta_ap.get(key) for key in ERROR_KEYS}
+
+
+def _first_per_group(group: np.ndarray, order_keys: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(groups [G] ascending, row [G] of each group's first row) under np.lexsort(order_keys + (group,))."""
+    order = np.lexsort((*order_keys, group))
+    sorted_group = group[order]
+    first = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]]) if len(order) else np.zeros(0, int)
+    return sorted_group[first], order[first]
+
+
+def _best_rows(rows: np.ndarray, gt: np.ndarray, iou: np.ndarray, score: np.ndarray):
+    """(gt ids [G], row [G]) of the best candidate of each gt among `rows`: highest iou, then score, then row."""
+    groups, first = _first_per_group(gt[rows], (rows, -score[rows].astype(np.float64), -iou[rows].astype(np.float64)))
+    return groups, rows[first]
+
+
+def suppression_losses(candidates: pd.DataFrame) -> pd.DataFrame:
+    """The suppression losses of a pre-NMS ledger (module doc), one row per lost ground-truth box.
+
+    candidates: LOSS_COLUMNS [N], a ledger's rows in any order. Returns gt_id, best_row (row position
+    of its best candidate), best_iou, best_kept_iou (0 without a kept candidate), kept_row (its
+    kept candidate with the highest IoU, -1 if none) and suppressor_row (the row of the best
+    candidate's `suppressed_by`); rows by gt_id. Thresholds in float64 on the float32 `iou`.
+    Ties between equally good candidates go to the higher score, then the earlier row.
+    """
+    gt = candidates["gt_id"].to_numpy(np.int64)
+    iou = candidates["iou"].to_numpy()
+    score = candidates["score"].to_numpy()
+    kept = candidates["kept"].to_numpy(bool)
+    matched = np.flatnonzero(gt >= 0)  # gt_id -1: iou 0, no ground truth to lose
+    gts, best = _best_rows(matched, gt, iou, score)
+    kept_gts, kept_best = _best_rows(matched[kept[matched]], gt, iou, score)
+    kept_row = np.full(len(gts), -1, np.int64)  # each gt's best kept candidate, -1 if none
+    pos = np.searchsorted(kept_gts, gts)
+    found = pos < len(kept_gts)
+    found[found] = kept_gts[pos[found]] == gts[found]
+    kept_row[found] = kept_best[pos[found]]
+    best_iou = iou[best].astype(np.float64)
+    best_kept_iou = np.zeros(len(gts))
+    best_kept_iou[found] = iou[kept_row[found]]
+    suppressed_by = candidates["suppressed_by"].to_numpy(np.int64)[best]
+    lost = (best_iou >= LOSS_MIN_IOU) & (best_iou - best_kept_iou >= LOSS_MIN_GAIN) & (suppressed_by >= 0)
+    return pd.DataFrame({
+        "gt_id": gts[lost], "best_row": best[lost], "best_iou": best_iou[lost], "best_kept_iou": best_kept_iou[lost],
+        "kept_row": kept_row[lost], "suppressor_row": _rows_of(candidates["cand_id"].to_numpy(np.int64),
+                                                              suppressed_by[lost]),
+    })
+
+
+def _rows_of(cand_id: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """[K] row positions of the cand_ids `wanted` (each present: validate_ledger checks suppressed_by)."""
+    order = np.argsort(cand_id, kind="stable")
+    return order[np.searchsorted(cand_id[order], wanted)]
+
+
+def nms_replacements(losses: pd.DataFrame, kept: np.ndarray) -> pd.DataFrame:
+    """The NMS counterfactual's edits (module doc): target_row (a kept row) takes source_row's box.
+
+    losses: `suppression_losses`; kept: [N] the ledger's `kept`. A loss with a kept candidate edits
+    that one; one without edits the suppressor of its best candidate if it is kept (rule
+    'suppressor'), after every own edit and only on a row no other loss edits: among losses
+    competing for one suppressor, the one with the highest best IoU (then the lower gt_id) wins.
+    """
+    own = losses[losses["kept_row"] >= 0]
+    by_suppressor = losses[(losses["kept_row"] < 0) & kept[losses["suppressor_row"].to_numpy(np.int64)]]
+    by_suppressor = by_suppressor[~by_suppressor["suppressor_row"].isin(own["kept_row"])]
+    by_suppressor = by_suppressor.sort_values(["best_iou", "gt_id"], ascending=[False, True], kind="stable")
+    by_suppressor = by_suppressor.drop_duplicates("suppressor_row", keep="first")
+    frame = pd.concat([
+        pd.DataFrame({"gt_id": own["gt_id"], "target_row": own["kept_row"], "source_row": own["best_row"],
+                      "rule": "own"}),
+        pd.DataFrame({"gt_id": by_suppressor["gt_id"], "target_row": by_suppressor["suppressor_row"],
+                      "source_row": by_suppressor["best_row"], "rule": "suppressor"}),
+    ], ignore_index=True)
+    return frame.astype({"gt_id": np.int64, "target_row": np.int64, "source_row": np.int64})
+
+
+def replaced_detections(detections: np.ndarray, kept_rows: np.ndarray, replacements: pd.DataFrame,
+                        source_boxes: np.ndarray) -> np.ndarray:
+    """The detector's output with the NMS counterfactual's boxes: a copy of `detections`.
+
+    detections: [K, 7] image_id, x, y, w, h, score, category_id of the kept rows (row order);
+    kept_rows: [K] their row positions in the ledger, ascending; replacements: `nms_replacements`;
+    source_boxes: [R, 4] x, y, w, h of each replacement's source row. Score and category stay.
+    """
+    out = np.array(detections, dtype=np.float64, copy=True)
+    at = np.searchsorted(kept_rows, replacements["target_row"].to_numpy(np.int64))
+    out[at, 1:5] = source_boxes
+    return out
+
+
+def error_split(diagnosis, ap50: float, nms_ap50: float | None = None, num_losses: int | None = None,
+                num_replaced: int | None = None, nms_note: str | None = None) -> ErrorSplit:
+    """TIDE's split (a misalign.cocoeval.Diagnosis) and the NMS counterfactual as one ErrorSplit.
+
+    ap50: the dump's AP50 from misalign.cocoeval.evaluate_detections, the engine that scored
+    `nms_ap50` (the same number as the split's own starting AP, `diagnosis.ap50`, to the last bits).
+    """
+    delta = dict(diagnosis.tide)
+    delta["NMS"] = None if nms_ap50 is None else float(nms_ap50 - ap50)
+    counts = {**diagnosis.counts, "NMS": num_losses}
+    return ErrorSplit(delta_ap=delta, counts=counts, ap50=float(ap50), nms_replaced=num_replaced, nms_note=nms_note)
