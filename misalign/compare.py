@@ -370,28 +370,28 @@ def _errors_and_calibration(ledger, analysis, coco_gt, hot_gt):
     kept = read_candidates(ledger.folder, KEPT_COLUMNS, kept_only=True)  # the detector's output, file order
     detections = kept[KEPT_COLUMNS[:7]].to_numpy(np.float64)  # evaluate_detections' layout
     diagnosis = diagnose_detections(hot_gt, detections, image_ids, C.MATCH_THRESHOLDS)
-    ap50, nms_ap50, losses, replacements, note = analysis.metrics["ap"]["AP50"], None, None, None, None
+    ap, nms_ap, losses, replacements, note = analysis.metrics["ap"], None, None, None, None
     if ledger.pre_nms:
         lost = tide.suppression_losses(cands[tide.LOSS_COLUMNS])
         edits = tide.nms_replacements(lost, cands["kept"].to_numpy(bool))
         losses, replacements = len(lost), len(edits)
-        nms_ap50 = ap50  # no edit: the same output, the same AP
+        nms_ap = ap  # no edit: the same output, the same AP
         if len(edits):
             source = cands["cand_id"].to_numpy(np.int64)[edits["source_row"].to_numpy(np.int64)]
             boxes = read_candidate_rows(ledger.folder, source, list(tide.AP_BOX_COLUMNS)).set_index("cand_id")
             changed = tide.replaced_detections(detections, np.flatnonzero(cands["kept"].to_numpy(bool)), edits,
                                                boxes.loc[source, list(tide.AP_BOX_COLUMNS)].to_numpy(np.float64))
-            nms_ap50 = evaluate_detections(coco_gt, changed, image_ids)["AP50"]
+            nms_ap = evaluate_detections(coco_gt, changed, image_ids)
     else:
         note = "post-NMS only: no suppressed candidates to give back"
-    errors = tide.error_split(diagnosis, ap50, nms_ap50, losses, replacements, note)
+    errors = tide.error_split(diagnosis, ap, nms_ap, losses, replacements, note)
     calibration = C.calibration(kept, diagnosis.matches, ground_truth_boxes(hot_gt))
     if "obj_score" in cands.columns and np.isfinite(cands["obj_score"].to_numpy()).any():
         calibration.obj_vs_iou, calibration.obj_bins = C.obj_vs_iou(cands["obj_score"].to_numpy(),
                                                                     cands["iou"].to_numpy())
         calibration.obj_pool = "pre_nms" if ledger.pre_nms else "post_nms"
-    analysis.metrics.update({"errors": errors.metrics(), "calibration": calibration.columns,
-                             "obj_vs_iou": calibration.obj_vs_iou})
+    analysis.metrics.update({"errors": errors.metrics(), "nms_counterfactual": errors.counterfactual_metrics(),
+                             "calibration": calibration.columns, "obj_vs_iou": calibration.obj_vs_iou})
     return errors, calibration
 
 
@@ -531,6 +531,43 @@ def rescoring_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["detector", "ranking", "AP", "AP50", "AP75", "delta_AP", "kept"])
 
 
+def errors_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
+    """One row per detector: AP50, the ΔAP of TIDE's six error types and NMS (metrics.json `errors`),
+    each type's count (NMS: suppression losses) and the kept boxes the NMS counterfactual replaced."""
+    from misalign.tide import ERROR_KEYS
+
+    rows = [{"detector": d.name, "AP50": d.errors.ap50, **{k: d.errors.delta_ap.get(k) for k in ERROR_KEYS},
+             **{f"n {k}": d.errors.counts.get(k) for k in ERROR_KEYS}, "NMS replaced": d.errors.nms_replaced,
+             "NMS AP": d.errors.nms_ap}
+            for d in detectors]
+    return pd.DataFrame(rows, columns=["detector", "AP50", *ERROR_KEYS, *(f"n {k}" for k in ERROR_KEYS),
+                                       "NMS replaced", "NMS AP"])
+
+
+def calibration_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
+    """Rows (detector, score column): D-ECE, LaECE (metrics.json `calibration`; None where not
+    computed, with why), the kept boxes measured; then obj_vs_iou's mae, bias, n on the obj_score rows."""
+    rows = []
+    for d in detectors:
+        cal = d.calibration
+        for column, entry in cal.columns.items():
+            obj = cal.obj_vs_iou if column == "obj_score" and cal.obj_vs_iou else {}
+            rows.append({"detector": d.name, "score column": column, "d_ece": (entry or {}).get("d_ece"),
+                         "la_ece": (entry or {}).get("la_ece"), "kept boxes": cal.num_boxes if entry else None,
+                         "note": cal.notes.get(column), "obj_vs_iou mae": obj.get("mae"),
+                         "obj_vs_iou bias": obj.get("bias"), "obj_vs_iou n": obj.get("n")})
+    return pd.DataFrame(rows, columns=["detector", "score column", "d_ece", "la_ece", "kept boxes", "note",
+                                       "obj_vs_iou mae", "obj_vs_iou bias", "obj_vs_iou n"])
+
+
+def obj_vs_iou_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
+    """Rows (detector, IoU bin): obj_score's mean, spread and quartiles (the obj-vs-IoU figure's data)."""
+    frames = [d.calibration.obj_bins.assign(detector=d.name, pool=d.calibration.obj_pool)
+              for d in detectors if d.calibration.obj_bins is not None]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[["detector", "pool", *[c for c in frame.columns if c not in ("detector", "pool")]]]
+
+
 def provenance_frame(detectors: list[DetectorResult], settings: CompareSettings) -> pd.DataFrame:
     """One row per detector: its dump, model, split, post-processing settings, size and the report's parameters."""
     rows = []
@@ -570,6 +607,10 @@ def build_tables(detectors, metrics, settings: CompareSettings, columns) -> dict
     rescored = [d for d in detectors if d.rescoring is not None]
     if settings.rescore and rescored:
         tables["rescoring"] = rescoring_frame(rescored)
+    tables["errors"] = errors_frame(detectors)
+    tables["calibration"] = calibration_frame(detectors)
+    if any(d.calibration.obj_bins is not None for d in detectors):
+        tables["obj_vs_iou"] = obj_vs_iou_frame(detectors)
     tables["coco_ap"] = coco_frame(metrics, names)
     tables["provenance"] = provenance_frame(detectors, settings)
     return tables

@@ -42,10 +42,17 @@ class ErrorSplit:
     counts: dict = field(default_factory=dict)  # TIDE_KEYS -> errors of that type; NMS -> suppression losses
     ap50: float | None = None  # the AP50 every ΔAP is measured from
     nms_replaced: int | None = None  # kept boxes whose box the NMS counterfactual replaced
+    nms_ap: float | None = None  # the same counterfactual in COCO AP (AP@[.5:.95]): AP(replaced) − AP
     nms_note: str | None = None  # why NMS is None
 
     def metrics(self) -> dict:
+        """metrics.json `errors`: ERROR_KEYS -> ΔAP."""
         return {key: self.delta_ap.get(key) for key in ERROR_KEYS}
+
+    def counterfactual_metrics(self) -> dict:
+        """metrics.json `nms_counterfactual`: the NMS row's details."""
+        return {"losses": self.counts.get("NMS"), "replaced": self.nms_replaced, "delta_AP50": self.delta_ap.get("NMS"),
+                "delta_AP": self.nms_ap}
 
 
 def _first_per_group(group: np.ndarray, order_keys: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -137,14 +144,16 @@ def replaced_detections(detections: np.ndarray, kept_rows: np.ndarray, replaceme
     return out
 
 
-def error_split(diagnosis, ap50: float, nms_ap50: float | None = None, num_losses: int | None = None,
+def error_split(diagnosis, ap: dict, nms_ap: dict | None = None, num_losses: int | None = None,
                 num_replaced: int | None = None, nms_note: str | None = None) -> ErrorSplit:
     """TIDE's split (a misalign.cocoeval.Diagnosis) and the NMS counterfactual as one ErrorSplit.
 
-    ap50: the dump's AP50 from misalign.cocoeval.evaluate_detections, the engine that scored
-    `nms_ap50` (the same number as the split's own starting AP, `diagnosis.ap50`, to the last bits).
+    ap: the dump's COCOeval stats (metrics.json `ap`) from misalign.cocoeval.evaluate_detections, the
+    engine that scored the counterfactual's `nms_ap`; its AP50 is the split's own starting AP
+    (`diagnosis.ap50`) to the last bits. nms_ap None: no NMS row (post-NMS only).
     """
     delta = dict(diagnosis.tide)
-    delta["NMS"] = None if nms_ap50 is None else float(nms_ap50 - ap50)
+    delta["NMS"] = None if nms_ap is None else float(nms_ap["AP50"] - ap["AP50"])
     counts = {**diagnosis.counts, "NMS": num_losses}
-    return ErrorSplit(delta_ap=delta, counts=counts, ap50=float(ap50), nms_replaced=num_replaced, nms_note=nms_note)
+    return ErrorSplit(delta_ap=delta, counts=counts, ap50=float(ap["AP50"]), nms_replaced=num_replaced,
+                      nms_ap=None if nms_ap is None else float(nms_ap["AP"] - ap["AP"]), nms_note=nms_note)
