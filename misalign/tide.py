@@ -82,9 +82,11 @@ def suppression_losses(candidates: pd.DataFrame) -> pd.DataFrame:
     iou = candidates["iou"].to_numpy()
     score = candidates["score"].to_numpy()
     kept = candidates["kept"].to_numpy(bool)
-    matched = np.flatnonzero(gt >= 0)  # gt_id -1: iou 0, no ground truth to lose
-    gts, best = _best_rows(matched, gt, iou, score)
-    kept_gts, kept_best = _best_rows(matched[kept[matched]], gt, iou, score)
+    # Only a gt whose best candidate reaches LOSS_MIN_IOU can be lost: its best is among these rows
+    # (a few % of a COCO-sized pool), and its best kept candidate among the kept rows.
+    reaching = np.flatnonzero((gt >= 0) & (iou >= np.float32(LOSS_MIN_IOU)))
+    gts, best = _best_rows(reaching, gt, iou, score)
+    kept_gts, kept_best = _best_rows(np.flatnonzero(kept & (gt >= 0)), gt, iou, score)
     kept_row = np.full(len(gts), -1, np.int64)  # each gt's best kept candidate, -1 if none
     pos = np.searchsorted(kept_gts, gts)
     found = pos < len(kept_gts)
@@ -104,6 +106,9 @@ def suppression_losses(candidates: pd.DataFrame) -> pd.DataFrame:
 
 def _rows_of(cand_id: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     """[K] row positions of the cand_ids `wanted` (each present: validate_ledger checks suppressed_by)."""
+    guess = np.clip(wanted, 0, max(len(cand_id) - 1, 0))
+    if len(cand_id) and np.array_equal(cand_id[guess], wanted):  # the writer numbers rows 0, 1, 2, ...
+        return guess
     order = np.argsort(cand_id, kind="stable")
     return order[np.searchsorted(cand_id[order], wanted)]
 
