@@ -330,10 +330,11 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
         log.info("analysing %s (%d candidates)", name, len(ledger.candidates))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
                            seed=settings.seed)
+        errors, calibration = _errors_and_calibration(ledger, analysis, coco_gt, hot_gt)
         rescoring, note = _rescore(ledger, analysis, coco_gt, settings) if settings.rescore else (None, None)
         results.append(_detector_result(ledger, analysis, name, shown_ids))
         results[-1].rescoring, results[-1].rescore_note = rescoring, note
-        results[-1].errors, results[-1].calibration = _errors_and_calibration(ledger, analysis, coco_gt, hot_gt)
+        results[-1].errors, results[-1].calibration = errors, calibration
         del ledger
     return results, gt_path
 
