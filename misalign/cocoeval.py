@@ -154,3 +154,84 @@ def evaluate_detections(coco_gt, detections: np.ndarray, image_ids=None) -> dict
         evaluator.accumulate()
         evaluator.summarize()
     return {key: float(value) for key, value in zip(STAT_KEYS, evaluator.stats)}
+
+
+# --- TIDE's error split and the COCO matching of each detection (hotcoco) ----------------------
+
+TIDE_KEYS = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")  # TIDE's six error types, in its order
+TIDE_POS_THRESH = 0.5  # TIDE's foreground IoU t_f: a match
+TIDE_BG_THRESH = 0.1  # TIDE's background IoU t_b: below it with every ground truth, a box is background
+
+
+@dataclass
+class Diagnosis:
+    """What one hotcoco evaluation of a detector's output says beyond AP (docs/methods.md, Errors).
+
+    tide: TIDE's split, {Cls, Loc, Both, Dupe, Bkg, Miss: ΔAP}, AP gained by fixing each error type
+    (ΔAP in COCO AP50 units, like `ap50`); counts: how many errors of each type; ap50: the AP the
+    split starts from (COCOeval's AP50, all areas, maxDets 100); matches: IoU threshold -> [N] int64
+    annotation id of the ground truth each detection is matched to by COCOeval's greedy matching at
+    that threshold (0: none, a false positive; -1: ignored, matched to a crowd region or beyond maxDets).
+    """
+
+    tide: dict
+    counts: dict
+    ap50: float
+    matches: dict
+
+
+def hotcoco_ground_truth(coco_gt, path):
+    """The ground truth as hotcoco's COCO: `coco_gt` itself when it is one, else `path` read by hotcoco."""
+    if _is_hotcoco(coco_gt):
+        return coco_gt
+    return load_ground_truth(path, "hotcoco")
+
+
+def diagnose_detections(hot_gt, detections: np.ndarray, image_ids, match_thresholds=(0.1, 0.5)) -> Diagnosis:
+    """TIDE's split (hotcoco's `tide_errors` at TIDE's thresholds) and the per-detection matches.
+
+    hot_gt: `hotcoco_ground_truth`; detections: [N, 7] as `evaluate_detections` takes them; image_ids:
+    every image to evaluate. One evaluation (bbox, area 'all', maxDets 100, IoU thresholds
+    `match_thresholds`) serves both: hotcoco's TIDE matches boxes itself at TIDE's thresholds, and its
+    per-image diagnostics report COCOeval's own matching (tests/test_errors.py checks it against
+    pycocotools' evalImgs and the split against tidecv).
+    """
+    hotcoco = import_module("hotcoco")
+    detections = np.ascontiguousarray(np.asarray(detections, dtype=np.float64).reshape(-1, 7))
+    thresholds = sorted(float(t) for t in match_thresholds)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = hotcoco.COCOeval(hot_gt, hot_gt.loadRes(detections), "bbox")
+        evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.params.iouThrs = thresholds
+        evaluator.params.areaRng = [[0.0, 1e10]]
+        evaluator.params.areaRngLbl = ["all"]
+        evaluator.params.maxDets = [100]
+        evaluator.evaluate()
+        split = evaluator.tide_errors(pos_thr=TIDE_POS_THRESH, bg_thr=TIDE_BG_THRESH)
+        matches = {t: _matched_gt(evaluator.image_diagnostics(iou_thr=t, score_thr=0.0), len(detections))
+                   for t in thresholds}
+    return Diagnosis(tide={k: float(split["delta_ap"][k]) for k in TIDE_KEYS},
+                     counts={k: int(split["counts"][k]) for k in TIDE_KEYS}, ap50=float(split["ap_base"]),
+                     matches=matches)
+
+
+def _matched_gt(diagnostics: dict, num_detections: int) -> np.ndarray:
+    """[N] matched annotation id per detection (row i is result id i + 1: loadRes numbers them in
+    order); 0 for a false positive, -1 for a detection COCOeval ignores (absent from dt_status)."""
+    matched = np.full(num_detections, -1, np.int64)
+    status = diagnostics["dt_status"]
+    ids = np.fromiter(status.keys(), np.int64, len(status))
+    matched[ids - 1] = 0
+    pairs = diagnostics["dt_match"]
+    dt = np.fromiter(pairs.keys(), np.int64, len(pairs))
+    matched[dt - 1] = np.fromiter(pairs.values(), np.int64, len(pairs))
+    return matched
+
+
+def ground_truth_boxes(hot_gt) -> tuple[np.ndarray, np.ndarray]:
+    """(annotation ids [G] ascending, their boxes [G, 4] x, y, w, h float64) of every annotation."""
+    anns = hot_gt.loadAnns(hot_gt.getAnnIds())
+    ids = np.fromiter((a["id"] for a in anns), np.int64, len(anns))
+    boxes = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], boxes[order]

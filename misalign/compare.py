@@ -59,6 +59,8 @@ class DetectorResult:
     rescoring: object = None  # misalign.rescore.RescoreResult; None when not rescored
     rescore_note: str | None = None  # why it could not be rescored (post-NMS only, no nms_thresh)
     gallery: pd.DataFrame | None = None  # misalign.suppression gallery cases (CASE_COLUMNS); None: post-NMS only
+    errors: object = None  # misalign.tide.ErrorSplit (the errors bar chart, errors.csv)
+    calibration: object = None  # misalign.calibration.Calibration (reliability diagrams, obj vs IoU, calibration.csv)
 
 
 @dataclass
@@ -282,6 +284,7 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     """Validate and analyse every dump (one at a time, streamed: misalign.scan); returns their results
     and the gt path."""
     from misalign.ledger import read_images, read_ledger, read_meta, validate_ledger
+    from misalign.cocoeval import hotcoco_ground_truth
     from misalign.metrics import (ANALYSIS_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze, check_ground_truth,
                                   load_ground_truth)
     from misalign.scan import read_scanned
@@ -295,6 +298,7 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     check_same_dataset(folders, metas, image_sets, gt_given=bool(settings.gt))
     gt_path = ground_truth_path(settings.gt, folders, metas)
     coco_gt = load_ground_truth(gt_path)
+    hot_gt = hotcoco_ground_truth(coco_gt, gt_path)  # TIDE's split and COCO's matching of each kept box
     shown_ids = images_to_show(image_tables[0], settings.num_images)
     results, gallery_gts = [], None  # the gallery's ground truths: the first pre-NMS dump's worst losses
     columns = [*STREAMED_ANALYSIS_COLUMNS, *(c for c in suppression.SUPPRESSION_COLUMNS
@@ -307,10 +311,13 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
         log.info("analysing %s (%d candidates, %d retained)", name, scan.num_rows, len(scan.retained))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
                            seed=settings.seed, candidate_counts=scan.counts, score_columns=scan.score_columns)
-        analysis.metrics["suppression"], gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts)
+        losses = suppression.ledger_table(ledger)  # per ground truth: the suppression losses (None: post-NMS only)
+        analysis.metrics["suppression"], gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts, losses)
         gallery_gts = gallery["gt_id"] if gallery_gts is None and gallery is not None else gallery_gts
         results.append(_detector_result(ledger, scan, analysis, name, shown_ids))
         results[-1].gallery = gallery
+        results[-1].errors, results[-1].calibration = _errors_and_calibration(ledger, analysis, coco_gt, hot_gt,
+                                                                              losses)
         del ledger, scan
         if settings.rescore:  # rescoring re-runs NMS on every box: the whole pool, with boxes
             full = read_ledger(folder, columns=ANALYSIS_COLUMNS)
@@ -330,6 +337,51 @@ def _rescore(ledger, analysis, coco_gt, settings: CompareSettings):
                                          rescore_thresh=settings.rescore_thresh, actual_ap=analysis.metrics["ap"])
     analysis.metrics.update(result.metrics() if result else unavailable_metrics())
     return result, reason
+
+
+KEPT_COLUMNS = ["image_id", "x1", "y1", "w", "h", "score", "category_id", "cls_score", "obj_score"]
+
+
+def _errors_and_calibration(ledger, analysis, coco_gt, hot_gt, loss_table):
+    """(misalign.tide.ErrorSplit, misalign.calibration.Calibration) of one dump; adds metrics.json's
+    `errors`, `calibration` and `obj_vs_iou` to the analysis (docs/methods.md, Errors and Calibration).
+
+    One hotcoco evaluation of the kept boxes gives TIDE's split and COCO's matching (calibration's
+    targets); the NMS counterfactual takes one more AP evaluation, when it changes any box.
+    loss_table: misalign.suppression.ledger_table of the ledger (None: post-NMS only).
+    """
+    from misalign import calibration as C
+    from misalign import tide
+    from misalign.cocoeval import diagnose_detections, evaluate_detections, ground_truth_boxes
+    from misalign.ledger import read_candidate_rows, read_candidates
+
+    cands, image_ids = ledger.candidates, analysis.image_ids
+    kept = read_candidates(ledger.folder, KEPT_COLUMNS, kept_only=True)  # the detector's output, file order
+    detections = kept[KEPT_COLUMNS[:7]].to_numpy(np.float64)  # evaluate_detections' layout
+    diagnosis = diagnose_detections(hot_gt, detections, image_ids, C.MATCH_THRESHOLDS)
+    ap, nms_ap, losses, replacements, note = analysis.metrics["ap"], None, None, None, None
+    if loss_table is not None:
+        lost = tide.suppression_losses(loss_table, cands["cand_id"].to_numpy(np.int64))
+        edits = tide.nms_replacements(lost, cands["kept"].to_numpy(bool))
+        losses, replacements = len(lost), len(edits)
+        nms_ap = ap  # no edit: the same output, the same AP
+        if len(edits):
+            source = cands["cand_id"].to_numpy(np.int64)[edits["source_row"].to_numpy(np.int64)]
+            boxes = read_candidate_rows(ledger.folder, source, list(tide.AP_BOX_COLUMNS)).set_index("cand_id")
+            changed = tide.replaced_detections(detections, np.flatnonzero(cands["kept"].to_numpy(bool)), edits,
+                                               boxes.loc[source, list(tide.AP_BOX_COLUMNS)].to_numpy(np.float64))
+            nms_ap = evaluate_detections(coco_gt, changed, image_ids)
+    else:
+        note = "post-NMS only: no suppressed candidates to give back"
+    errors = tide.error_split(diagnosis, ap, nms_ap, losses, replacements, note)
+    calibration = C.calibration(kept, diagnosis.matches, ground_truth_boxes(hot_gt))
+    if "obj_score" in cands.columns and np.isfinite(cands["obj_score"].to_numpy()).any():
+        calibration.obj_vs_iou, calibration.obj_bins = C.obj_vs_iou(cands["obj_score"].to_numpy(),
+                                                                    cands["iou"].to_numpy())
+        calibration.obj_pool = "pre_nms" if ledger.pre_nms else "post_nms"
+    analysis.metrics.update({"errors": errors.metrics(), "nms_counterfactual": errors.counterfactual_metrics(),
+                             "calibration": calibration.columns, "obj_vs_iou": calibration.obj_vs_iou})
+    return errors, calibration
 
 
 def figure1_columns(detectors: list[DetectorResult]) -> list[str]:
@@ -483,6 +535,43 @@ def gallery_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).sort_values("rank", kind="stable")[columns].reset_index(drop=True)
 
 
+def errors_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
+    """One row per detector: AP50, the ΔAP of TIDE's six error types and NMS (metrics.json `errors`),
+    each type's count (NMS: suppression losses) and the kept boxes the NMS counterfactual replaced."""
+    from misalign.tide import ERROR_KEYS
+
+    rows = [{"detector": d.name, "AP50": d.errors.ap50, **{k: d.errors.delta_ap.get(k) for k in ERROR_KEYS},
+             **{f"n {k}": d.errors.counts.get(k) for k in ERROR_KEYS}, "NMS replaced": d.errors.nms_replaced,
+             "NMS AP": d.errors.nms_ap}
+            for d in detectors]
+    return pd.DataFrame(rows, columns=["detector", "AP50", *ERROR_KEYS, *(f"n {k}" for k in ERROR_KEYS),
+                                       "NMS replaced", "NMS AP"])
+
+
+def calibration_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
+    """Rows (detector, score column): D-ECE, LaECE (metrics.json `calibration`; None where not
+    computed, with why), the kept boxes measured; then obj_vs_iou's mae, bias, n on the obj_score rows."""
+    rows = []
+    for d in detectors:
+        cal = d.calibration
+        for column, entry in cal.columns.items():
+            obj = cal.obj_vs_iou if column == "obj_score" and cal.obj_vs_iou else {}
+            rows.append({"detector": d.name, "score column": column, "d_ece": (entry or {}).get("d_ece"),
+                         "la_ece": (entry or {}).get("la_ece"), "kept boxes": cal.num_boxes if entry else None,
+                         "note": cal.notes.get(column), "obj_vs_iou mae": obj.get("mae"),
+                         "obj_vs_iou bias": obj.get("bias"), "obj_vs_iou n": obj.get("n")})
+    return pd.DataFrame(rows, columns=["detector", "score column", "d_ece", "la_ece", "kept boxes", "note",
+                                       "obj_vs_iou mae", "obj_vs_iou bias", "obj_vs_iou n"])
+
+
+def obj_vs_iou_frame(detectors: list[DetectorResult]) -> pd.DataFrame:
+    """Rows (detector, IoU bin): obj_score's mean, spread and quartiles (the obj-vs-IoU figure's data)."""
+    frames = [d.calibration.obj_bins.assign(detector=d.name, pool=d.calibration.obj_pool)
+              for d in detectors if d.calibration.obj_bins is not None]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[["detector", "pool", *[c for c in frame.columns if c not in ("detector", "pool")]]]
+
+
 def provenance_frame(detectors: list[DetectorResult], settings: CompareSettings) -> pd.DataFrame:
     """One row per detector: its dump, model, split, post-processing settings, size and the report's parameters."""
     rows = []
@@ -524,6 +613,10 @@ def build_tables(detectors, metrics, settings: CompareSettings, columns) -> dict
     rescored = [d for d in detectors if d.rescoring is not None]
     if settings.rescore and rescored:
         tables["rescoring"] = rescoring_frame(rescored)
+    tables["errors"] = errors_frame(detectors)
+    tables["calibration"] = calibration_frame(detectors)
+    if any(d.calibration.obj_bins is not None for d in detectors):
+        tables["obj_vs_iou"] = obj_vs_iou_frame(detectors)
     tables["coco_ap"] = coco_frame(metrics, names)
     tables["provenance"] = provenance_frame(detectors, settings)
     return tables

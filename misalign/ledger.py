@@ -407,6 +407,19 @@ def read_candidates(folder, columns=None, kept_only: bool = False, where=None) -
     return frame[columns]
 
 
+def read_candidate_rows(folder, cand_ids, columns) -> pd.DataFrame:
+    """The rows of candidates.parquet whose `cand_id` is in `cand_ids` (-1 entries ignored), in file
+    order, with `cand_id` and `columns` as `read_candidates` gives them: a few rows of a large pool
+    (the boxes the gallery draws, those the NMS counterfactual gives back), filtered row group by row
+    group without holding the others."""
+    import pyarrow.compute as pc
+
+    ids = np.asarray(cand_ids, np.int64)
+    wanted = pa.array(np.unique(ids[ids >= 0]), pa.int64())
+    columns = ["cand_id", *[c for c in columns if c != "cand_id"]]
+    return read_candidates(folder, columns, where=lambda t: pc.is_in(t["cand_id"], value_set=wanted))
+
+
 def read_images(folder) -> pd.DataFrame:
     """images.parquet as a DataFrame (IMAGE_SCHEMA)."""
     return _read_table(Path(folder) / IMAGES, IMAGE_SCHEMA, None)

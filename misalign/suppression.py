@@ -33,7 +33,7 @@ Public API:
 - worst_losses(table, size) -> gt ids; gallery_cases(table, gt_ids) -> DataFrame (no boxes yet)
 - add_boxes(cases, candidate_boxes, gt_annotations), add_image_files(cases, images, image_folder)
 - read_pool(folder), read_boxes(folder, cand_ids): the ledger reads
-- analyse_ledger(ledger, coco_gt, gallery_gt_ids=None) -> (metrics, cases or None)
+- ledger_table(ledger) -> per_gt_table or None; analyse_ledger(ledger, coco_gt, gallery_gt_ids=None, table=None) -> (metrics, cases or None)
 """
 
 from __future__ import annotations
@@ -271,29 +271,33 @@ def read_pool(folder) -> pd.DataFrame:
 
 def read_boxes(folder, cand_ids) -> pd.DataFrame:
     """cand_id, x1, y1, x2, y2 of the candidates `cand_ids` (the only boxes the gallery reads)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    from misalign.ledger import read_candidate_rows
 
-    from misalign.ledger import read_candidates
-
-    ids = pa.array(np.unique(np.asarray(cand_ids, np.int64)[np.asarray(cand_ids) >= 0]), pa.int64())
-    return read_candidates(folder, ["cand_id", *BOX], where=lambda t: pc.is_in(t["cand_id"], value_set=ids))
+    return read_candidate_rows(folder, cand_ids, list(BOX))
 
 
-def analyse_ledger(ledger, coco_gt, gallery_gt_ids=None) -> tuple[dict, pd.DataFrame | None]:
-    """(metrics.json `suppression`, the gallery cases) of one ledger (misalign.ledger.Ledger).
-
-    gallery_gt_ids: the ground truths to show (another detector's worst losses); default this one's
-    worst GALLERY_SIZE. A post-NMS-only ledger has no suppression: unavailable_metrics() and None.
-    The candidates in memory are used when they hold SUPPRESSION_COLUMNS, else the pool is read.
-    """
+def ledger_table(ledger) -> pd.DataFrame | None:
+    """`per_gt_table` of a ledger: of the candidates in memory when they hold SUPPRESSION_COLUMNS
+    (those of misalign.scan hold every row that can matter), else of the pool read for it; None for
+    a post-NMS-only ledger (no suppression)."""
     if not ledger.pre_nms:
-        return unavailable_metrics(), None
+        return None
     cands = ledger.candidates
     if not all(c in cands.columns for c in SUPPRESSION_COLUMNS):
         cands = read_pool(ledger.folder)
-    table = per_gt_table(cands)
-    del cands
+    return per_gt_table(cands)
+
+
+def analyse_ledger(ledger, coco_gt, gallery_gt_ids=None, table=None) -> tuple[dict, pd.DataFrame | None]:
+    """(metrics.json `suppression`, the gallery cases) of one ledger (misalign.ledger.Ledger).
+
+    gallery_gt_ids: the ground truths to show (another detector's worst losses); default this one's
+    worst GALLERY_SIZE. table: its `ledger_table`, when already made. A post-NMS-only ledger has no
+    suppression: unavailable_metrics() and None.
+    """
+    table = ledger_table(ledger) if table is None else table
+    if table is None:
+        return unavailable_metrics(), None
     ids = worst_losses(table) if gallery_gt_ids is None else np.asarray(gallery_gt_ids, np.int64)
     cases = gallery_cases(table, ids)
     boxes = read_boxes(ledger.folder, np.r_[cases["kept_cand_id"], cases["suppressed_cand_id"]])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from misalign.compare import CompareSettings
 
+from . import errors as E
 from . import figures as F
 from . import gallery as G
 from . import tables as T
@@ -182,6 +183,8 @@ def build_context(result) -> dict:
                         "table": T.correlation_table(result, palette)},
         "rescoring": rescoring_section(result, palette),
         "gallery": gallery_section(result, palette),
+        "errors": E.errors_section(result, palette),
+        "calibration": E.calibration_section(result, palette),
         "coco": {"table": T.coco_table(result, palette), "figure": F.ap_section_figure(result, palette)},
         "provenance": {"table": T.provenance_table(result, palette),
                        "meta": [{"name": d.name, "path": str(d.folder), "json": meta_json_text(d.meta)}
