@@ -16,7 +16,7 @@ Public API:
 - candidate_truth(boxes, category, gt, image) -> {iou, gt_id, iou_any, crowd}: `misalign.truth.truth_columns`
 - max_iou_any(boxes, gt, image) -> [N] float32: `misalign.truth.max_iou_any`
 - raw_count_values(raw_cls, raw_iou, anchor_iou) -> [RAW_COUNT_WIDTH] int64, in `misalign.truth.RAW_COUNT_LAYOUT` order
-- to_host(tensors) -> {name: numpy array}: every tensor of a batch in one device-to-host copy
+- to_host(tensors) -> {name: numpy array}: every tensor of a batch in one device-to-host copy (pack, unpack)
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def raw_count_values(raw_cls: torch.Tensor, raw_iou: torch.Tensor, anchor_iou: t
     NaN counts nowhere) in `misalign.truth.RAW_COUNT_LAYOUT` order."""
     values = {"raw_cls": raw_cls, "raw_iou": raw_iou, "anchor_iou": anchor_iou}
     counts = []
-    for source, thresholds in RAW_COUNT_LAYOUT:
+    for source, _, _, thresholds in RAW_COUNT_LAYOUT:
         column = values[source].float()
         limits = torch.tensor(thresholds, dtype=torch.float32, device=column.device)
         counts.append((column[:, None] > limits[None, :]).sum(dim=0))
@@ -161,26 +161,32 @@ def raw_count_values(raw_cls: torch.Tensor, raw_iou: torch.Tensor, anchor_iou: t
 def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Every tensor as a numpy array, in one device-to-host copy (the batch's one sync).
 
-    The tensors' bytes are packed into one buffer (each piece padded to 8 bytes) and unpacked on the
-    host as views with the original dtypes and shapes. On the CPU nothing is copied.
+    On the CPU nothing is copied; elsewhere `pack` puts all the bytes in one buffer.
     """
     if all(t.device.type == "cpu" for t in tensors.values()):
         return {name: t.numpy() for name, t in tensors.items()}
+    buffer, layout = pack(tensors)
+    return unpack(buffer.cpu().numpy(), layout)
+
+
+def pack(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """(one uint8 tensor on the tensors' device holding every tensor's bytes, each piece padded to 8
+    bytes so that every piece stays aligned; the layout `unpack` reads it back with)."""
     pieces, layout, offset = [], [], 0
     for name, tensor in tensors.items():
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         padded = -len(flat) % 8
         pieces.append(torch.cat([flat, flat.new_zeros(padded)]) if padded else flat)
-        layout.append((name, offset, tensor.dtype, tuple(tensor.shape)))
+        layout.append((name, offset, _NUMPY[tensor.dtype], tuple(tensor.shape)))
         offset += len(flat) + padded
-    buffer = torch.cat(pieces).cpu().numpy()
-    return {name: buffer[start:start + _nbytes(dtype, shape)].view(_NUMPY[dtype]).reshape(shape)
-            for name, start, dtype, shape in layout}
+    return torch.cat(pieces), layout
+
+
+def unpack(buffer: np.ndarray, layout: list) -> dict[str, np.ndarray]:
+    """The arrays of a `pack`ed buffer copied to the host: views with their dtypes and shapes."""
+    return {name: buffer[start:start + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize]
+            .view(dtype).reshape(shape) for name, start, dtype, shape in layout}
 
 
 _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32,
           torch.int16: np.int16, torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
-
-
-def _nbytes(dtype: torch.dtype, shape: tuple) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY[dtype]).itemsize

@@ -17,6 +17,7 @@ images and the settings that change the floats); a resumed dump must match it.
 Public API:
 - CAND_ID_STRIDE, IMAGES_PER_PART, STAGING_SUFFIX
 - Part(index, start, stop): .name, .first_cand_id; plan_parts(num_images, images_per_part) -> [Part]
+- part_batches(positions, images_per_part, batch_size) -> [[position, ...], ...]: batches within parts
 - staging_folder(out) -> Path; finished_parts(staging) -> set of part names
 - read_manifest / write_manifest(staging, manifest); first_difference(a, b) -> dotted key or None
 - assemble(out, staging, parts, meta) -> the ledger's meta (atomic: out appears whole or not at all)
@@ -69,6 +70,23 @@ def plan_parts(num_images: int, images_per_part: int = IMAGES_PER_PART) -> list[
         raise InputError(f"images per part: {images_per_part} must be at least 1")
     starts = range(0, max(num_images, 1), images_per_part)
     return [Part(k, start, min(start + images_per_part, num_images)) for k, start in enumerate(starts)]
+
+
+def part_batches(positions, images_per_part: int, batch_size: int) -> list[list[int]]:
+    """Batches of at most `batch_size` consecutive `positions`, none across a part's boundary.
+
+    A batch's images are padded to a common size, which changes the model's floats: batches cut
+    at the parts' starts are the same in a one-process, a sharded and a resumed dump.
+    """
+    batches: list[list[int]] = []
+    for position in positions:
+        last = batches[-1] if batches else None
+        if (last is None or len(last) == batch_size or position != last[-1] + 1
+                or position // images_per_part != last[-1] // images_per_part):
+            batches.append([position])
+        else:
+            last.append(position)
+    return batches
 
 
 def staging_folder(out) -> Path:
