@@ -214,15 +214,23 @@ def train_command(model, recipe, data, split, ann, images, val_split, out, backb
 @click.option("--amp", is_flag=True, help="bf16 autocast on GPU.")
 @click.option("--limit", type=int, help="Dump only the first N images (by id).")
 @click.option("--raw-images", default=_default("DumpConfig", "raw_images"), show_default=True, help="Also write raw.parquet with every anchor of the first N images.")
+@click.option("--part-images", type=int, help="Images per part of the ledger, the unit of --resume and of torchrun's shards [128].")
+@click.option("--resume", is_flag=True, help="Continue a stopped dump of the same settings into --out, keeping its finished parts.")
 def dump_(**options) -> None:
     """Record every candidate before and after NMS (the ledger).
 
     Writes candidates.parquet, images.parquet, raw_counts.parquet, meta.json and
     detections.json (see docs/ledger.md), every candidate with its true IoU.
+    Several GPUs: torchrun --nproc_per_node N --no-python misalign dump ... (each process dumps
+    its share of the parts; the ledger is the one-process dump's).
     """
+    import os
+
     from detector.dump import DumpConfig, dump
 
-    click.echo(dump(DumpConfig(**options)))
+    out = dump(DumpConfig(**options))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        click.echo(out)
 
 
 @main.command("import")
