@@ -287,6 +287,13 @@ class LedgerRecorder:
         elapsed = time.perf_counter() - self._started if self._started is not None else 0.0
         return {"seconds": elapsed, "critical_s": self._critical_s, "background_s": worker, "images": len(self._seen)}
 
+    def ground_truth(self, image_id: int) -> dict:
+        """The image's ground truth (`misalign.coco.ground_truth_by_image`), for truth columns computed
+        by the caller (`add(truth=...)`)."""
+        if int(image_id) not in self._infos:
+            raise InputError(f"{self.gt_path.name}: image_id {image_id}: not an image of the ground truth")
+        return self._gt_by_image[int(image_id)]
+
     def note_critical(self, seconds: float) -> None:
         """Count ledger work the caller did itself (truth on its device, the copy) as critical-path time."""
         self._critical_s += seconds
