@@ -217,15 +217,23 @@ def train_command(model, recipe, data, split, ann, images, val_split, out, backb
 @click.option("--amp", is_flag=True, help="bf16 autocast on GPU.")
 @click.option("--limit", type=int, help="Dump only the first N images (by id).")
 @click.option("--raw-images", default=_default("DumpConfig", "raw_images"), show_default=True, help="Also write raw.parquet with every anchor of the first N images.")
+@click.option("--part-images", type=int, help="Images per part of the ledger, the unit of --resume and of torchrun's shards [128].")
+@click.option("--resume", is_flag=True, help="Continue a stopped dump of the same settings into --out, keeping its finished parts.")
 def dump_(**options) -> None:
     """Record every candidate before and after NMS (the ledger).
 
     Writes candidates.parquet, images.parquet, raw_counts.parquet, meta.json and
     detections.json (see docs/ledger.md), every candidate with its true IoU.
+    Several GPUs: torchrun --nproc_per_node N --no-python misalign dump ... (each process dumps
+    its share of the parts; the ledger is the one-process dump's).
     """
+    import os
+
     from detector.dump import DumpConfig, dump
 
-    click.echo(dump(DumpConfig(**options)))
+    out = dump(DumpConfig(**options))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        click.echo(out)
 
 
 @main.command("import")
@@ -268,15 +276,27 @@ def capture() -> None:
 @click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--limit", type=int, help="Capture only the first N images (by id).")
+@click.option("--part-images", type=int, help="Images per part of the ledger, the unit of --resume and of torchrun's shards [128].")
+@click.option("--resume", is_flag=True, help="Continue a stopped capture of the same settings into --out, keeping its finished parts.")
 def capture_torchvision(model, weights, num_classes, options, label_map, data, split, ann, images, out, batch_size,
-                        device, limit) -> None:
-    """Capture a torchvision detector: the candidates its postprocess considered, what its NMS kept."""
+                        device, limit, part_images, resume) -> None:
+    """Capture a torchvision detector: the candidates its postprocess considered, what its NMS kept.
+
+    Several GPUs: torchrun --nproc_per_node N --no-python misalign capture torchvision ...
+    """
+    import os
+
     from detector.capture.torchvision import CaptureConfig, capture
 
+    if part_images is not None and part_images < 1:
+        raise InputError(f"--part-images: {part_images} must be at least 1")
     config = CaptureConfig(model=model, out=out, data=data, split=split, ann=ann, images=images, weights=weights,
                            num_classes=num_classes, options=_parse_model_options(options, "--option"),
-                           label_map=label_map, batch_size=batch_size, device=device, limit=limit)
-    click.echo(capture(config))
+                           label_map=label_map, batch_size=batch_size, device=device, limit=limit,
+                           part_images=part_images, resume=resume)
+    result = capture(config)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        click.echo(result)
 
 
 @capture.command("ultralytics", context_settings={"max_content_width": 100})

@@ -1,7 +1,10 @@
 """Benchmark: `misalign dump` against the same model's plain eval-mode inference, same images, same run.
 
-Target (issue 4): dump time <= 1.10 x inference time. Each phase runs in a fresh subprocess
-(so its peak RSS is its own), A B A B ..., and the medians are compared.
+Target (issues 4, 13): dump time <= 1.10 x inference time. Each phase runs in a fresh subprocess
+(so its peak RSS is its own), A B A B ..., and the medians are compared. Also printed: the ledger's
+critical-path time an image (the main loop inside ledger work: truth and counts on the device, the
+copy, queueing) and its background time an image (the writer thread), from meta.json's `timing`.
+On a GPU the critical path includes waiting for the forward pass (the batch's one copy syncs).
 
     .venv/bin/python bench/dump_vs_inference.py                        # shapes val, random weights
     .venv/bin/python bench/dump_vs_inference.py --ckpt RUN/checkpoint.pt --data DATA --split val
@@ -57,7 +60,8 @@ def run_phase(args) -> dict:
                             batch_size=args.batch_size, workers=args.workers, device=args.device,
                             amp=args.amp, limit=args.limit))
             elapsed = time.perf_counter() - start
-            rows = json.loads(Path(f"{tmp}/ledger/meta.json").read_text())["num_candidates"]
+            meta = json.loads(Path(f"{tmp}/ledger/meta.json").read_text())
+            rows, timing = meta["num_candidates"], meta["timing"]
     else:
         state = load_checkpoint(args.ckpt)
         model = model_from_checkpoint(state).to(device)
@@ -66,7 +70,7 @@ def run_phase(args) -> dict:
                                 category_ids=state["config"]["category_ids"])
         if args.limit:
             dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
-        rows = 0
+        rows, timing = 0, None
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
             for batch, _ in _loader(dataset, args, device):
                 outputs = model([image.to(device, non_blocking=True) for image in batch])
@@ -74,7 +78,7 @@ def run_phase(args) -> dict:
         elapsed = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"seconds": elapsed, "peak_rss_mb": peak_mb, "cuda_peak_mb": cuda_peak_mb, "rows": rows}
+    return {"seconds": elapsed, "peak_rss_mb": peak_mb, "cuda_peak_mb": cuda_peak_mb, "rows": rows, "timing": timing}
 
 
 def make_inputs(args, tmp: Path) -> None:
@@ -142,6 +146,9 @@ def main() -> None:
           f"   ({results['dump'][0]['rows']} candidate rows)")
     if args.device == "cuda":
         print(f"CUDA peak: inference {results['infer'][0]['cuda_peak_mb']:.0f} MB, dump {results['dump'][0]['cuda_peak_mb']:.0f} MB")
+    critical = statistics.median(r["timing"]["ledger_critical_ms_per_image"] for r in results["dump"])
+    background = statistics.median(r["timing"]["ledger_background_ms_per_image"] for r in results["dump"])
+    print(f"ledger per image: critical path {critical:.2f} ms, background thread {background:.2f} ms")
     print(f"ratio dump / inference: {dumped / infer:.3f}  (target <= 1.10)")
 
 

@@ -250,3 +250,5 @@ class DumpConfig:
     amp: bool = False  # autocast (bf16) on GPU; ignored on CPU
     limit: int | None = None  # dump only the first N images (by image id)
     raw_images: int = 0  # also write raw.parquet with every anchor of the first N images
+    resume: bool = False  # continue a stopped dump of the same settings, keeping its finished parts
+    part_images: int | None = None  # images per part (docs/ledger.md); None: misalign.parts.IMAGES_PER_PART

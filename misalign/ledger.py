@@ -148,14 +148,17 @@ class LedgerWriter:
     image's rows in the same frame (0-based, -1 for none), exactly the index the model's postprocess
     produces. An image's rows must be contiguous and come in one call. Kept rows become
     detections.json entries (ordered by image, then score descending).
+    first_cand_id: the number of the first row (one part of a ledger written in parts starts where
+    its numbering says, docs/ledger.md).
     Usage: `with LedgerWriter(tmp) as w: ...; w.close(meta)` (leaving the block without close() on
     an exception just releases the files).
     """
 
-    def __init__(self, folder):
+    def __init__(self, folder, first_cand_id: int = 0):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._writers: dict[str, pq.ParquetWriter] = {}
+        self._first_cand_id = int(first_cand_id)
         self._rows = {CANDIDATES: 0, IMAGES: 0, RAW_COUNTS: 0, RAW: 0}
         self._num_kept = 0
         self._candidate_images: set[int] = set()
@@ -203,7 +206,7 @@ class LedgerWriter:
             raise ValueError("add_candidates: an image's candidates must come in one call")
         self._candidate_images |= new_images
 
-        base = self._rows[CANDIDATES]
+        base = self._first_cand_id + self._rows[CANDIDATES]
         cand_id = base + np.arange(num, dtype=np.int64)
         first = np.repeat(starts, sizes)  # [N] position of each row's image start
         size = np.repeat(sizes, sizes)  # [N] rows of each row's image

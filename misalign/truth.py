@@ -13,7 +13,9 @@ Public API:
 - count_positive_anchors(anchors, gt_boxes, gt_iscrowd) -> int (IoU > POSITIVE_IOU)
 - threshold_counts(values, thresholds) -> [T] int64
 - raw_counts_rows(image_id, raw_cls, raw_iou, anchor_iou=None) -> DataFrame (RAW_COUNT_SCHEMA columns)
-- CLS_THRESHOLDS, IOU_THRESHOLDS: the paper's Table 1 thresholds
+- raw_counts_frame(image_id, values) -> the same rows from counts already taken, in RAW_COUNT_LAYOUT order
+- positive_anchors(values) -> int: num_pos_anchors from such counts
+- CLS_THRESHOLDS, IOU_THRESHOLDS: the paper's Table 1 thresholds; RAW_COUNT_LAYOUT, RAW_COUNT_WIDTH
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ CLS_THRESHOLDS = (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)  # Table 1: cls > t
 IOU_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # Table 1: IoU > t
 POSITIVE_IOU = 0.5  # a positive anchor has IoU > 0.5 with a gt box (the paper's Positive_NUM)
 CROWD_IOU = 0.5  # the COCOeval IoU threshold at which `crowd` marks the boxes it would ignore
+# raw_counts.parquet's rows of one image, in order: (values counted, stage, quantity, thresholds). A
+# producer that counts elsewhere (the dump counts on the model's device) returns counts in this order.
+RAW_COUNT_LAYOUT = (("raw_cls", "raw", "cls", CLS_THRESHOLDS), ("raw_iou", "raw", "iou", IOU_THRESHOLDS),
+                    ("anchor_iou", "anchors", "iou", IOU_THRESHOLDS))
+RAW_COUNT_WIDTH = sum(len(thresholds) for *_, thresholds in RAW_COUNT_LAYOUT)
 
 
 def match_truth(pred_boxes, pred_category, gt_boxes, gt_category, gt_ids, gt_iscrowd):
@@ -120,21 +127,40 @@ def raw_counts_rows(image_id: int, raw_cls, raw_iou, anchor_iou=None) -> pd.Data
     (None: no 'anchors' stage). Stage 'raw' gets cls > CLS_THRESHOLDS and iou > IOU_THRESHOLDS,
     stage 'anchors' iou > IOU_THRESHOLDS.
     """
-    parts = [("raw", "cls", CLS_THRESHOLDS, raw_cls), ("raw", "iou", IOU_THRESHOLDS, raw_iou)]
-    if anchor_iou is not None:
-        parts.append(("anchors", "iou", IOU_THRESHOLDS, anchor_iou))
-    stage, quantity, threshold, count = [], [], [], []
-    for name, what, thresholds, values in parts:
-        stage += [name] * len(thresholds)
-        quantity += [what] * len(thresholds)
-        threshold += list(thresholds)
-        count.append(threshold_counts(values, thresholds))
+    values = {"raw_cls": raw_cls, "raw_iou": raw_iou, "anchor_iou": anchor_iou}
+    layout = [part for part in RAW_COUNT_LAYOUT if values[part[0]] is not None]
+    counts = [threshold_counts(values[source], thresholds) for source, _, _, thresholds in layout]
+    return _counts_frame(image_id, layout, np.concatenate(counts))
+
+
+def raw_counts_frame(image_id: int, values) -> pd.DataFrame:
+    """raw_counts_rows' rows from counts taken elsewhere: values [RAW_COUNT_WIDTH] in RAW_COUNT_LAYOUT order."""
+    values = np.asarray(values).reshape(-1)
+    if len(values) != RAW_COUNT_WIDTH:
+        raise ValueError(f"raw_counts_frame: {len(values)} counts, expected {RAW_COUNT_WIDTH}")
+    return _counts_frame(image_id, RAW_COUNT_LAYOUT, values)
+
+
+def positive_anchors(values) -> int:
+    """num_pos_anchors (anchors with IoU > POSITIVE_IOU) from counts in RAW_COUNT_LAYOUT order."""
+    start = 0
+    for source, _, _, thresholds in RAW_COUNT_LAYOUT:
+        if source == "anchor_iou":
+            return int(np.asarray(values).reshape(-1)[start + thresholds.index(POSITIVE_IOU)])
+        start += len(thresholds)
+    raise AssertionError("RAW_COUNT_LAYOUT has no anchor_iou counts")
+
+
+def _counts_frame(image_id: int, layout, counts: np.ndarray) -> pd.DataFrame:
+    stage = [name for _, name, _, thresholds in layout for _ in thresholds]
+    quantity = [what for _, _, what, thresholds in layout for _ in thresholds]
+    threshold = [t for *_, thresholds in layout for t in thresholds]
     return pd.DataFrame({
         "image_id": np.full(len(stage), image_id, np.int64),
         "stage": stage,
         "quantity": quantity,
         "threshold": np.asarray(threshold, np.float64),
-        "count": np.concatenate(count).astype(np.int64),
+        "count": np.asarray(counts, np.int64),
     })
 
 

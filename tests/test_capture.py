@@ -209,3 +209,46 @@ def test_label_map_file_problems_are_one_line(tmp_path):
         read_label_map(tmp_path / "list.json")
     with pytest.raises(InputError, match="none.json: label map not found"):
         read_label_map(tmp_path / "none.json")
+
+
+def test_capture_in_parts_sharded_and_resumed_equals_one_process(tmp_path, gt_file, make_coco, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import detector.capture.torchvision as module
+    from test_dump_parts import assert_same_ledger
+
+    info = json.loads(gt_file.read_text())
+    ann, image_dir = make_coco(info["images"], info["annotations"], info["categories"])
+    base = ["capture", "torchvision", "--model", "ssdlite320_mobilenet_v3_large", "--ann", str(ann),
+            "--images", str(image_dir), "-o", "score_thresh=0.001", "--part-images", "1", "--batch-size", "1",
+            "--device", "cpu"]
+    runner = CliRunner()
+    assert runner.invoke(main, [*base, "--out", str(tmp_path / "one")]).exit_code == 0
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+                             "-m", "cli", *base, "--out", str(tmp_path / "two")], cwd=root, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_ledger(tmp_path / "two", tmp_path / "one")
+
+    batch, calls = module._batch_records, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:  # after the first part
+            raise KeyboardInterrupt
+        return batch(*args)
+
+    monkeypatch.setattr(module, "_batch_records", interrupted)
+    stopped = runner.invoke(main, [*base, "--out", str(tmp_path / "resumed")])
+    assert stopped.exit_code != 0 and not (tmp_path / "resumed").exists()  # click: Ctrl-C is "Aborted!"
+    assert [p.name for p in (tmp_path / ".resumed.parts").glob("part-*")] == ["part-0000000-0000000"]
+    monkeypatch.setattr(module, "_batch_records", batch)
+    result = runner.invoke(main, [*base, "--out", str(tmp_path / "resumed"), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert_same_ledger(tmp_path / "resumed", tmp_path / "one")

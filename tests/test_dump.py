@@ -190,7 +190,7 @@ def test_an_interrupted_dump_keeps_the_old_ledger(tmp_path, shapes_dataset, dump
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "record_image", fail)
+    monkeypatch.setattr(module, "ledger_batch", fail)
     with pytest.raises(KeyboardInterrupt):
         dump(DumpConfig(ckpt=str(ckpt), out=str(out), data=str(shapes_dataset), workers=0))
     assert (out / "marker").read_text() == "old"

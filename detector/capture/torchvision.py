@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +29,10 @@ import torchvision
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import boxes as box_ops
 
+from misalign import parts as ledger_parts
 from misalign.coco import load_coco_json, resolve_dataset
 from detector.capture import read_rgb
+from detector.truth_device import GroundTruth, candidate_truth, to_host
 from misalign.errors import InputError
 from misalign.io import file_sha256
 from misalign.recorder import LedgerRecorder
@@ -52,6 +55,8 @@ class CaptureConfig:
     batch_size: int = 4  # images per forward pass
     device: str = "cpu"  # cpu | cuda | auto
     limit: int | None = None  # capture only the first N images (by id)
+    resume: bool = False  # continue a stopped capture of the same settings, keeping its finished parts
+    part_images: int | None = None  # images per part; None: misalign.parts.IMAGES_PER_PART
 
 
 def detection_builders() -> list[str]:
@@ -144,10 +149,15 @@ def postprocess_settings(model) -> dict:
 def capture_model(model, images, recorder: LedgerRecorder, *, image_ids, label_map=None, batch_size: int = 4,
                   device="cpu") -> list[dict]:
     """Run `model` (eval mode) on `images` ([3, H, W] float tensors in [0, 1], one per id of
-    `image_ids`) and record each image's candidates; returns the model's own detections."""
+    `image_ids`) and record each image's candidates; returns the model's own detections.
+
+    Per batch, on the model's device: boxes in original pixels, the truth columns
+    (detector.truth_device), then one copy to the host; the recorder writes in its background thread.
+    """
     model.eval().to(device)
     head = _final_head(model)
     max_det = int(head.detections_per_img)
+    lookup = None if label_map is None else _label_lookup(label_map, device)
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = [image.to(device) for image in images[start:start + batch_size]]
@@ -155,32 +165,54 @@ def capture_model(model, images, recorder: LedgerRecorder, *, image_ids, label_m
             detections = model(batch)
         if len(calls) != len(batch):
             raise RuntimeError(f"{type(model).__name__}: expected one final NMS per image, saw {len(calls)}")
-        for image_id, call, (size, original) in zip(image_ids[start:start + batch_size], calls, sizes):
-            _record(recorder, int(image_id), call, size, original, max_det, label_map)
+        ids = [int(i) for i in image_ids[start:start + batch_size]]
+        clock = time.perf_counter()
+        records = _batch_records(calls, sizes, [recorder.ground_truth(i) for i in ids], max_det, lookup)
+        recorder.note_critical(time.perf_counter() - clock)
+        for image_id, record in zip(ids, records):
+            if lookup is not None and (record["labels"] < 0).any():
+                label = int(record.pop("label")[record["labels"] < 0][0])
+                raise InputError(f"--label-map: no category id for predicted label {label}")
+            record.pop("label")
+            recorder.add(image_id, **record)
         outputs += detections
     return outputs
 
 
-def _record(recorder, image_id, call, size, original, max_det, label_map) -> None:
-    keep = call["keep"]
-    num = len(call["scores"])
-    kept = torch.zeros(num, dtype=torch.bool)
-    kept[keep[:max_det].cpu()] = True
-    survived = torch.zeros(num, dtype=torch.bool)
-    survived[keep.cpu()] = True
-    labels = call["labels"].cpu().numpy()
-    if label_map is not None:
-        missing = sorted(set(labels.tolist()) - set(label_map))
-        if missing:
-            raise InputError(f"--label-map: no category id for predicted label {missing[0]}")
-        labels = np.asarray([label_map[int(label)] for label in labels], np.int64)
-    boxes = resize_boxes(call["boxes"], size, original)  # what transform.postprocess does to the detections
-    # Survivors first, in NMS order: the recorder sorts by score stably, so equal scores (common with
-    # untrained weights) keep the order the model output them.
-    rest = torch.ones(num, dtype=torch.bool)
-    rest[keep.cpu()] = False
-    order = torch.cat([keep.cpu(), torch.nonzero(rest).squeeze(1)]).numpy()
-    recorder.add(image_id, boxes[order], labels[order], call["scores"][order], kept=kept[order], survived=survived[order])
+def _label_lookup(label_map: dict[int, int], device) -> torch.Tensor:
+    """[L] label -> category id (-1 where the map has none), on the device."""
+    lookup = torch.full((max(label_map, default=0) + 1,), -1, dtype=torch.int64)
+    for label, category in label_map.items():
+        if label >= 0:
+            lookup[label] = category
+    return lookup.to(device)
+
+
+def _batch_records(calls, sizes, gts, max_det: int, lookup) -> list[dict]:
+    """`LedgerRecorder.add` arguments of a batch's final NMS calls, computed on the device and copied
+    to the host in one go. Rows: survivors first, in NMS order, then the rest (the recorder sorts by
+    score stably, so equal scores, common with untrained weights, keep the model's order)."""
+    ground = GroundTruth.upload(gts, calls[0]["scores"].device)
+    columns: dict[str, list] = {}
+    for image, (call, (size, original)) in enumerate(zip(calls, sizes)):
+        keep, num = call["keep"], len(call["scores"])
+        rest = torch.ones(num, dtype=torch.bool, device=keep.device)
+        rest[keep] = False
+        order = torch.cat([keep, torch.nonzero(rest).squeeze(1)])
+        position = torch.arange(num, device=keep.device)
+        boxes = resize_boxes(call["boxes"], size, original)[order]  # what transform.postprocess does to the detections
+        label = call["labels"][order]
+        category = label if lookup is None else lookup[label.clamp(0, len(lookup) - 1)].where(label < len(lookup), -1)
+        values = {"boxes": boxes, "labels": category, "label": label, "scores": call["scores"][order],
+                  "kept": position < min(len(keep), max_det), "survived": position < len(keep),
+                  **candidate_truth(boxes.double(), category, ground, image)}
+        for name, value in values.items():
+            columns.setdefault(name, []).append(value)
+    host = to_host({name: torch.cat(parts) for name, parts in columns.items()})
+    bounds = np.cumsum([0, *(len(call["scores"]) for call in calls)])
+    truth = ("iou", "gt_id", "iou_any", "crowd")
+    return [{**{name: host[name][lo:hi] for name in ("boxes", "labels", "label", "scores", "kept", "survived")},
+             "truth": {name: host[name][lo:hi] for name in truth}} for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def read_label_map(path) -> dict[int, int]:
@@ -201,12 +233,30 @@ def load_images(images_dir: Path, infos: list[dict]) -> list[torch.Tensor]:
 
 
 def capture(config: CaptureConfig) -> Path:
-    """`misalign capture torchvision`: build the model, run it over the split, write its ledger."""
+    """`misalign capture torchvision`: build the model, run it over the split, write its ledger.
+
+    In parts as the dump (docs/ledger.md "Dumps in parts"): under torchrun each process captures
+    its share of the parts; `config.resume` keeps the parts a stopped capture finished.
+    """
+    from detector.train import setup_distributed, teardown_distributed
+
     ann_path, images_dir = resolve_dataset(config.data, config.split, config.ann, config.images)
     label_map = read_label_map(config.label_map) if config.label_map else None
     model = build_model(config).eval()
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if config.device == "auto" else config.device))
+    ctx = setup_distributed(device)
+    try:
+        _capture(config, ctx, model, ann_path, images_dir, label_map)
+    finally:
+        teardown_distributed(ctx)
+    return Path(config.out)
+
+
+def _capture(config: CaptureConfig, ctx, model, ann_path, images_dir, label_map) -> None:
+    import torch.distributed as dist
+    from tqdm import tqdm
+
     infos = sorted(load_coco_json(ann_path)["images"], key=lambda image: image["id"])
     infos = infos if config.limit is None else infos[:config.limit]
     head = _final_head(model)
@@ -214,13 +264,19 @@ def capture(config: CaptureConfig) -> Path:
                        "options": config.options, "num_classes": config.num_classes,
                        "weights": None if config.weights is None else str(Path(config.weights).resolve()),
                        "weights_sha256": None if config.weights is None else file_sha256(config.weights)}}
+    plan = [int(info["id"]) for info in infos]
+    images_per_part = config.part_images or ledger_parts.IMAGES_PER_PART
     with LedgerRecorder(config.out, ann_path, nms_thresh=float(head.nms_thresh), max_det=int(head.detections_per_img),
                         detector={"name": config.model, "config": None}, images=images_dir, split=config.split,
-                        postprocess=postprocess_settings(model), extra_meta=meta) as recorder:
-        from tqdm import tqdm
-
-        for start in tqdm(range(0, len(infos), config.batch_size), desc="capture", unit="batch", disable=None):
-            chunk = infos[start:start + config.batch_size]
+                        postprocess=postprocess_settings(model), extra_meta=meta, plan=plan,
+                        images_per_part=images_per_part, resume=config.resume,
+                        settings={"batch_size": config.batch_size, "device": ctx.device.type},
+                        rank=ctx.rank, world_size=ctx.world_size,
+                        barrier=dist.barrier if ctx.distributed else None) as recorder:
+        position_of = {image_id: position for position, image_id in enumerate(plan)}
+        batches = ledger_parts.part_batches([position_of[i] for i in recorder.todo()], images_per_part,
+                                            config.batch_size)
+        for batch in tqdm(batches, desc="capture", unit="batch", disable=None if ctx.is_main else True):
+            chunk = [infos[position] for position in batch]
             capture_model(model, load_images(images_dir, chunk), recorder, image_ids=[i["id"] for i in chunk],
-                          label_map=label_map, batch_size=config.batch_size, device=device)
-    return Path(config.out)
+                          label_map=label_map, batch_size=len(chunk), device=ctx.device)
