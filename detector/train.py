@@ -49,14 +49,9 @@ from detector.recipe import (  # noqa: F401 (the recipe's names, as detector.tra
     choose_recipe, recipe_values, resolve_defaults, resolve_epochs, validate_config)
 from misalign.errors import InputError
 from misalign.io import atomic_path, write_json_atomic
-from misalign.training import ALIGNMENT_COLUMNS, alignment_metrics
+from misalign.training import ALIGNMENT_BATCHES, ALIGNMENT_COLUMNS, alignment_metrics
 
 log = logging.getLogger(__name__)
-
-# log.csv's alignment columns are measured on the positive anchors of each epoch's last batches: the
-# loss has already matched them, so this costs no extra forward pass, and the last batches see the
-# weights the epoch ends with. 10 batches of the CPU recipe are 80 images, some 4,000 positives.
-ALIGNMENT_BATCHES = 10
 
 
 def lr_milestones(epochs: int, iters_per_epoch: int) -> list[int]:

@@ -72,6 +72,7 @@ class DetectorResult:
     per_image_proportions: pd.DataFrame | None = None  # Figure 2 per image (shown images; pre-NMS dumps only)
     rescoring: object = None  # misalign.rescore.RescoreResult; None when not rescored
     rescore_note: str | None = None  # why it could not be rescored (post-NMS only, no nms_thresh)
+    training: object = None  # misalign.training.TrainingCurves of its checkpoint's log.csv; None: no checkpoint recorded
 
 
 @dataclass
@@ -122,6 +123,15 @@ class CompareResult:
         if not self.settings.rescore:
             return {}
         return {d.name: d.rescore_note for d in self.detectors if d.rescoring is None}
+
+    @property
+    def flagged_levels(self) -> dict[str, list[str]]:
+        """name -> its FPN levels whose score is not the dump's own formula on some rows (misalign.levels)."""
+        from misalign.levels import is_flagged
+
+        flagged = {name: [label for label, entry in (self.metrics["detectors"][name].get("per_level") or {}).items()
+                          if is_flagged(entry)] for name in self.names}
+        return {name: labels for name, labels in flagged.items() if labels}
 
     @property
     def rescored(self) -> list[DetectorResult]:
@@ -303,8 +313,10 @@ def _detector_result(ledger, analysis, name: str, shown_ids) -> DetectorResult:
 def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list[DetectorResult], Path]:
     """Validate and analyse every dump (one ledger in memory at a time); returns their results and the gt path."""
     from misalign.ledger import read_images, read_ledger, read_meta, validate_ledger
+    from misalign.levels import LEVEL_COLUMNS, per_level
     from misalign.metrics import (ANALYSIS_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze, check_ground_truth,
                                   load_ground_truth)
+    from misalign.training import training_curves
 
     names = detector_names(folders, settings.names)
     for folder in folders:
@@ -319,14 +331,17 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     results = []
     for folder, name in zip(folders, names):
         # rescoring re-runs NMS on every box; otherwise only the kept rows' boxes are read (for AP)
-        ledger = read_ledger(folder, columns=ANALYSIS_COLUMNS if settings.rescore else STREAMED_ANALYSIS_COLUMNS)
+        columns = ANALYSIS_COLUMNS if settings.rescore else STREAMED_ANALYSIS_COLUMNS
+        ledger = read_ledger(folder, columns=[*columns, *(c for c in LEVEL_COLUMNS if c not in columns)])
         check_ground_truth(ledger, coco_gt, str(gt_path))
         log.info("analysing %s (%d candidates)", name, len(ledger.candidates))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
                            seed=settings.seed)
+        analysis.metrics["per_level"] = per_level(ledger.candidates, ledger.meta, settings.min_iou)
         rescoring, note = _rescore(ledger, analysis, coco_gt, settings) if settings.rescore else (None, None)
         results.append(_detector_result(ledger, analysis, name, shown_ids))
         results[-1].rescoring, results[-1].rescore_note = rescoring, note
+        results[-1].training = training_curves(ledger.meta)
         del ledger
     return results, gt_path
 
@@ -500,6 +515,23 @@ def provenance_frame(detectors: list[DetectorResult], settings: CompareSettings)
     return pd.DataFrame(rows)
 
 
+def levels_table_frame(detectors, metrics: dict) -> pd.DataFrame:
+    """tables/levels.csv: misalign.levels.levels_frame of metrics.json `per_level`, with each dump's formula."""
+    from misalign.levels import levels_frame, score_formula
+
+    frame = levels_frame({d.name: _get(metrics["detectors"][d.name], "per_level", default={}) for d in detectors})
+    formulas = {d.name: getattr(score_formula(d.meta), "text", None) for d in detectors}
+    frame.insert(2, "formula", frame["detector"].map(formulas))
+    return frame
+
+
+def training_table_frame(detectors) -> pd.DataFrame:
+    """tables/training.csv: misalign.training.training_frame of the dumps' log.csv curves."""
+    from misalign.training import training_frame
+
+    return training_frame({d.name: d.training for d in detectors})
+
+
 def build_tables(detectors, metrics, settings: CompareSettings, columns) -> dict[str, pd.DataFrame]:
     """CSV stem -> frame, for every table the report holds (which depends on the options and the dumps)."""
     names = [d.name for d in detectors]
@@ -519,6 +551,8 @@ def build_tables(detectors, metrics, settings: CompareSettings, columns) -> dict
     rescored = [d for d in detectors if d.rescoring is not None]
     if settings.rescore and rescored:
         tables["rescoring"] = rescoring_frame(rescored)
+    tables["levels"] = levels_table_frame(detectors, metrics)
+    tables["training"] = training_table_frame(detectors)
     tables["coco_ap"] = coco_frame(metrics, names)
     tables["provenance"] = provenance_frame(detectors, settings)
     return tables
