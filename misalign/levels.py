@@ -41,6 +41,7 @@ LEVEL_COLUMNS = ("level", "kept", "score", "cls_score", "obj_score", "iou", "cro
 FORMULA_ULPS = 8  # |score − formula| ≤ this many float32 ulps of the formula counts as equal
 UNKNOWN = "unknown"
 LEVEL_ENTRY_KEYS = ("n", "kept", "spearman", "formula_share")
+FORMULA_BLOCK = 1 << 21  # rows per block of the formula check (bounds its temporaries to ~40 MB)
 
 
 def level_label(level: int) -> str:
@@ -99,10 +100,12 @@ def per_level(candidates: pd.DataFrame, meta: dict, min_iou: float = 0.5) -> dic
     or all tied); formula_share: share of the level's rows whose score is the formula (None when
     meta names none). One O(N) pass per quantity (bincount over level codes), one sort for the ranks.
     """
-    level = candidates["level"].to_numpy().astype(np.int64)
+    level = candidates["level"].to_numpy()
     if not len(level):
         return {}
-    codes = level - level.min()  # non-negative group codes, in level order (−1 first)
+    low = int(level.min())
+    codes = level.astype(np.intp)  # non-negative group codes in level order (−1 first): one array
+    codes -= low
     num_codes = int(codes.max()) + 1
     n = np.bincount(codes, minlength=num_codes)
     kept = np.bincount(codes, weights=candidates["kept"].to_numpy(bool), minlength=num_codes)
@@ -118,16 +121,26 @@ def per_level(candidates: pd.DataFrame, meta: dict, min_iou: float = 0.5) -> dic
     formula = score_formula(meta)
     share = np.full(num_codes, np.nan)
     if formula is not None:
-        matches = formula_matches(candidates["score"].to_numpy(), candidates["cls_score"].to_numpy(),
-                                  candidates["obj_score"].to_numpy(), formula)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.bincount(codes, weights=matches, minlength=num_codes) / n
+        share = _matching_counts(candidates, codes, num_codes, formula) / n
 
-    present = np.flatnonzero(n)
-    order = sorted(present, key=lambda c: (c + level.min() < 0, c))  # P3 ... P7, unknown last
-    return {level_label(int(c) + int(level.min())): {
+    present = [int(c) for c in np.flatnonzero(n)]
+    order = sorted(present, key=lambda c: (c + low < 0, c))  # P3 ... P7, unknown last
+    return {level_label(c + low): {
         "n": int(n[c]), "kept": int(kept[c]), "spearman": _finite(rho[c]),
         "formula_share": None if formula is None else _finite(share[c])} for c in order}
+
+
+def _matching_counts(candidates: pd.DataFrame, codes: np.ndarray, num_codes: int, formula: ScoreFormula,
+                     block: int = FORMULA_BLOCK) -> np.ndarray:
+    """[num_codes] rows per level whose score is the formula, in blocks of rows (the float32 temporaries
+    of a 20 M-row ledger would otherwise take ~0.5 GB)."""
+    score, cls, obj = (candidates[c].to_numpy() for c in ("score", "cls_score", "obj_score"))
+    counts = np.zeros(num_codes)
+    for start in range(0, len(codes), block):
+        rows = slice(start, start + block)
+        matches = formula_matches(score[rows], cls[rows], obj[rows], formula)
+        counts += np.bincount(codes[rows], weights=matches, minlength=num_codes)
+    return counts
 
 
 def _finite(value) -> float | None:

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from scipy import stats
 
 from cli import main
-from misalign.levels import (FORMULA_ULPS, ScoreFormula, formula_matches, level_label, levels_frame, per_level,
-                             score_formula)
+from misalign.levels import (FORMULA_ULPS, ScoreFormula, _matching_counts, formula_matches, level_label, levels_frame,
+                             per_level, score_formula)
 from misalign.synthetic import synthetic_ledger
 
 SIZES = dict(num_images=12, cands_per_image=150, num_categories=3, gt_per_image=4, kept_per_image=15)
@@ -96,6 +96,10 @@ def test_a_level_scored_without_the_obj_factor_has_share_zero_and_is_flagged(led
     got = per_level(cands, meta)
     _assert_same(got, slow_per_level(cands, meta["postprocess"]["alpha"]))
     assert got["P7"]["formula_share"] == 0.0 and all(got[k]["formula_share"] == 1.0 for k in ("P3", "P4", "P5", "P6"))
+    # the formula check in blocks of rows counts the same as in one block
+    codes = cands["level"].to_numpy().astype(np.intp)
+    blocked = _matching_counts(cands, codes, 5, ScoreFormula(meta["postprocess"]["alpha"]), block=7)
+    assert blocked.tolist() == [got[f"P{k + 3}"]["n"] for k in range(4)] + [0]
     frame = levels_frame({"conf": got})
     assert frame.set_index("level")["flagged"].to_dict() == {"P3": False, "P4": False, "P5": False, "P6": False,
                                                              "P7": True}
