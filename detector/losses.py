@@ -175,6 +175,26 @@ def iou_targets(pos_deltas: Tensor, pos_anchors: Tensor, pos_gt_boxes: Tensor, b
     return paired_box_iou(pred_boxes, pos_gt_boxes)
 
 
+def positive_alignment(head_outputs: dict[str, Tensor], anchors: Tensor, assignment: Assignment,
+                       box_coder: det_utils.BoxCoder) -> dict[str, Tensor]:
+    """What log.csv's alignment columns are measured on (misalign.training), per positive anchor [P], detached.
+
+    `cls_prob`: the probability of its ground truth's class; `iou`: IoU of its decoded box with that
+    ground truth (`iou_targets`, the objectness target); `obj_prob`: its objectness probability, NaN
+    without a branch.
+    """
+    a = assignment
+    with torch.no_grad():
+        cls_logits = head_outputs["cls_logits"][a.pos_image, a.pos_anchor, a.pos_gt_labels].float()  # [P]
+        deltas = head_outputs["bbox_deltas"][a.pos_image, a.pos_anchor].float()  # [P, 4]
+        iou = iou_targets(deltas, anchors[a.pos_anchor], a.pos_gt_boxes, box_coder)
+        if "obj_logits" in head_outputs:
+            obj_prob = torch.sigmoid(head_outputs["obj_logits"][a.pos_image, a.pos_anchor].float())
+        else:
+            obj_prob = torch.full_like(iou, float("nan"))
+    return {"cls_prob": torch.sigmoid(cls_logits), "iou": iou, "obj_prob": obj_prob}
+
+
 def quality_focal_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0) -> Tensor:
     """Element-wise |y − p|^gamma · BCE(p, y) with p = sigmoid(logits), soft targets y in [0, 1].
 

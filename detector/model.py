@@ -48,6 +48,7 @@ from .losses import (
     LossSettings,
     assign_anchors,
     detection_losses,
+    positive_alignment,
 )
 from .postprocess import PostprocessSettings, find_suppressors, postprocess_image
 
@@ -416,6 +417,9 @@ class Detector(nn.Module):
             box_weight_by_cls=cfg.box_weight_by_cls, dc_loss=cfg.dc_loss, dc_center_norm=cfg.dc_center_norm,
         )
         self.iac_settings = IacSettings(cfg.iac_alpha, cfg.iac_score_thresh) if cfg.iac_assign else None
+        # A list while the training loop probes: each training forward appends its positive anchors'
+        # class probability, decoded-box IoU and obj probability (losses.positive_alignment).
+        self.alignment_probe: list[dict[str, Tensor]] | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -474,7 +478,10 @@ class Detector(nn.Module):
             # IAC assignment labels anchors with the classifier's current (detached) probabilities.
             cls_prob = torch.sigmoid(head_outputs["cls_logits"].detach().float()) if self.iac_settings else None
             assignment = assign_anchors(anchors, targets, self.matcher, cls_prob=cls_prob, iac=self.iac_settings)
-            return detection_losses(head_outputs, anchors, assignment, self.box_coder, self.loss_settings)
+            losses = detection_losses(head_outputs, anchors, assignment, self.box_coder, self.loss_settings)
+            if self.alignment_probe is not None:  # the training loop's end-of-epoch alignment (detector/train.py)
+                self.alignment_probe.append(positive_alignment(head_outputs, anchors, assignment, self.box_coder))
+            return losses
         return [self._detections(cand) for cand, _ in self._candidates(images)]
 
     def _candidates(self, images: list[Tensor]) -> list[tuple[dict[str, Tensor], dict[str, Any]]]:

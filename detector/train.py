@@ -13,7 +13,8 @@ AdamW, 18 epochs of batch 8, at least 2,250 optimizer steps) so that the built-i
 learnt in minutes on 2 cores. `recipe` ("cpu" | "paper") overrides the choice; options such as the
 image size or the backbone change only themselves, never the recipe.
 
-Run folder (`--out RUN`): `log.csv` (one row per step, appended as training goes),
+Run folder (`--out RUN`): `log.csv` (one row per step, appended as training goes; the last step of
+an epoch also holds the alignment of that epoch's last ALIGNMENT_BATCHES batches, misalign.training),
 `checkpoint.pt` (after each epoch, atomically; detector.checkpoint; `--resume` continues from it with
 the same next batch and the same lr), `eval.json` (COCOeval's twelve stats on the val split).
 
@@ -48,8 +49,10 @@ from detector.recipe import (  # noqa: F401 (the recipe's names, as detector.tra
     choose_recipe, recipe_values, resolve_defaults, resolve_epochs, validate_config)
 from misalign.errors import InputError
 from misalign.io import atomic_path, write_json_atomic
+from misalign.training import ALIGNMENT_BATCHES, ALIGNMENT_COLUMNS, alignment_metrics
 
 log = logging.getLogger(__name__)
+
 
 def lr_milestones(epochs: int, iters_per_epoch: int) -> list[int]:
     """Optimizer steps at which the lr is multiplied by 0.1: 8/12 and 11/12 of the run.
@@ -333,7 +336,8 @@ def train_step(model, optimizer, scaler, images, targets, config: TrainConfig, c
 
 
 class StepLog:
-    """RUN/log.csv: step, epoch, each loss term, loss, lr, images_per_s; one row per step, flushed."""
+    """RUN/log.csv: step, epoch, each loss term, loss, lr, images_per_s, then ALIGNMENT_COLUMNS (empty
+    but on an epoch's last step); one row per step, flushed."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
@@ -356,8 +360,10 @@ class StepLog:
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as file:
             csv.writer(file).writerows([rows[0], *kept])
 
-    def write(self, *, step: int, epoch: int, terms: dict[str, float], lr: float, images_per_s: float) -> None:
-        row = {"step": step, "epoch": epoch, **terms, "lr": lr, "images_per_s": images_per_s}
+    def write(self, *, step: int, epoch: int, terms: dict[str, float], lr: float, images_per_s: float,
+              alignment: dict[str, float] | None = None) -> None:
+        row = {"step": step, "epoch": epoch, **terms, "lr": lr, "images_per_s": images_per_s,
+               **{column: (alignment or {}).get(column, "") for column in ALIGNMENT_COLUMNS}}
         if self._file is None:
             new = not self.path.exists() or self.columns is None
             self._file = open(self.path, "a", newline="")
@@ -555,6 +561,16 @@ def _train_epochs(run: _Run) -> None:
             step_log.close()
 
 
+def epoch_alignment(samples: list[dict[str, torch.Tensor]], ctx: DistContext) -> dict[str, float]:
+    """log.csv's alignment columns from the probed batches of every process (losses.positive_alignment)."""
+    keys = ("cls_prob", "iou", "obj_prob")
+    local = {key: torch.cat([s[key] for s in samples]).cpu().numpy() if samples else np.zeros(0, np.float32)
+             for key in keys}
+    gathered = _all_gather_objects(ctx, local)  # every rank's anchors (one process: just its own)
+    merged = {key: np.concatenate([g[key] for g in gathered]) for key in keys}
+    return alignment_metrics(merged["cls_prob"], merged["iou"], merged["obj_prob"])
+
+
 def _train_one_epoch(run: _Run, step_log: StepLog | None) -> None:
     from tqdm import tqdm
 
@@ -562,8 +578,19 @@ def _train_one_epoch(run: _Run, step_log: StepLog | None) -> None:
     loader = make_train_loader(run.dataset, config, ctx, run.epoch)
     bar = tqdm(loader, desc=f"epoch {run.epoch + 1}/{config.epochs}", unit="batch", disable=not ctx.is_main,
                dynamic_ncols=True)
+    model, num_batches = _unwrap(run.model), len(loader)
+    try:
+        _train_batches(run, bar, model, num_batches, step_log)
+    finally:
+        model.alignment_probe = None
+
+
+def _train_batches(run: _Run, bar, model, num_batches: int, step_log: StepLog | None) -> None:
+    config, ctx = run.config, run.ctx
     tick = time.perf_counter()
-    for images, targets in bar:
+    for index, (images, targets) in enumerate(bar):
+        if index == max(num_batches - ALIGNMENT_BATCHES, 0):
+            model.alignment_probe = []  # from here on each forward records its positive anchors
         lr = run.lr(run.step)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -573,10 +600,12 @@ def _train_one_epoch(run: _Run, step_log: StepLog | None) -> None:
         run.step += 1
         now = time.perf_counter()
         images_per_s = len(images) * ctx.world_size / max(now - tick, 1e-9)
-        tick = now
+        alignment = epoch_alignment(model.alignment_probe, ctx) if index == num_batches - 1 else None
+        tick = time.perf_counter()
         if step_log is not None:
             bar.set_postfix(_format_terms(terms, lr), refresh=False)
-            step_log.write(step=run.step, epoch=run.epoch + 1, terms=terms, lr=lr, images_per_s=images_per_s)
+            step_log.write(step=run.step, epoch=run.epoch + 1, terms=terms, lr=lr, images_per_s=images_per_s,
+                           alignment=alignment)
 
 
 def _evaluate_run(run: _Run) -> None:

@@ -61,6 +61,7 @@ class DetectorResult:
     gallery: pd.DataFrame | None = None  # misalign.suppression gallery cases (CASE_COLUMNS); None: post-NMS only
     errors: object = None  # misalign.tide.ErrorSplit (the errors bar chart, errors.csv)
     calibration: object = None  # misalign.calibration.Calibration (reliability diagrams, obj vs IoU, calibration.csv)
+    training: object = None  # misalign.training.TrainingCurves of its checkpoint's log.csv; None: no checkpoint recorded
 
 
 @dataclass
@@ -111,6 +112,15 @@ class CompareResult:
         if not self.settings.rescore:
             return {}
         return {d.name: d.rescore_note for d in self.detectors if d.rescoring is None}
+
+    @property
+    def flagged_levels(self) -> dict[str, list[str]]:
+        """name -> its FPN levels whose score is not the dump's own formula on some rows (misalign.levels)."""
+        from misalign.levels import is_flagged
+
+        flagged = {name: [label for label, entry in (self.metrics["detectors"][name].get("per_level") or {}).items()
+                          if is_flagged(entry)] for name in self.names}
+        return {name: labels for name, labels in flagged.items() if labels}
 
     @property
     def rescored(self) -> list[DetectorResult]:
@@ -288,6 +298,8 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     from misalign.metrics import (ANALYSIS_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze, check_ground_truth,
                                   load_ground_truth)
     from misalign.scan import read_scanned
+    from misalign.levels import LEVEL_COLUMNS, level_entries, score_formula
+    from misalign.training import training_curves
 
     names = detector_names(folders, settings.names)
     for folder in folders:
@@ -303,6 +315,7 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     results, gallery_gts = [], None  # the gallery's ground truths: the first pre-NMS dump's worst losses
     columns = [*STREAMED_ANALYSIS_COLUMNS, *(c for c in suppression.SUPPRESSION_COLUMNS
                                               if c not in STREAMED_ANALYSIS_COLUMNS)]
+    columns += [c for c in LEVEL_COLUMNS if c not in columns]
     for folder, name, meta, images in zip(folders, names, metas, image_tables):
         # every analysis of the retained rows pools iou >= RETAIN_IOU (or the correlation's own floor) or kept rows
         ledger, scan = read_scanned(folder, columns, retain_iou=min(settings.min_iou, RETAIN_IOU),
@@ -311,11 +324,14 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
         log.info("analysing %s (%d candidates, %d retained)", name, scan.num_rows, len(scan.retained))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
                            seed=settings.seed, candidate_counts=scan.counts, score_columns=scan.score_columns)
+        analysis.metrics["per_level"] = level_entries(scan.levels, ledger.candidates, score_formula(meta),
+                                                      settings.min_iou)
         losses = suppression.ledger_table(ledger)  # per ground truth: the suppression losses (None: post-NMS only)
         analysis.metrics["suppression"], gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts, losses)
         gallery_gts = gallery["gt_id"] if gallery_gts is None and gallery is not None else gallery_gts
         results.append(_detector_result(ledger, scan, analysis, name, shown_ids))
         results[-1].gallery = gallery
+        results[-1].training = training_curves(ledger.meta)
         results[-1].errors, results[-1].calibration = _errors_and_calibration(ledger, analysis, coco_gt, hot_gt,
                                                                               losses)
         del ledger, scan
@@ -592,6 +608,23 @@ def provenance_frame(detectors: list[DetectorResult], settings: CompareSettings)
     return pd.DataFrame(rows)
 
 
+def levels_table_frame(detectors, metrics: dict) -> pd.DataFrame:
+    """tables/levels.csv: misalign.levels.levels_frame of metrics.json `per_level`, with each dump's formula."""
+    from misalign.levels import levels_frame, score_formula
+
+    frame = levels_frame({d.name: _get(metrics["detectors"][d.name], "per_level", default={}) for d in detectors})
+    formulas = {d.name: getattr(score_formula(d.meta), "text", None) for d in detectors}
+    frame.insert(2, "formula", frame["detector"].map(formulas))
+    return frame
+
+
+def training_table_frame(detectors) -> pd.DataFrame:
+    """tables/training.csv: misalign.training.training_frame of the dumps' log.csv curves."""
+    from misalign.training import training_frame
+
+    return training_frame({d.name: d.training for d in detectors})
+
+
 def build_tables(detectors, metrics, settings: CompareSettings, columns) -> dict[str, pd.DataFrame]:
     """CSV stem -> frame, for every table the report holds (which depends on the options and the dumps)."""
     names = [d.name for d in detectors]
@@ -617,6 +650,8 @@ def build_tables(detectors, metrics, settings: CompareSettings, columns) -> dict
     tables["calibration"] = calibration_frame(detectors)
     if any(d.calibration.obj_bins is not None for d in detectors):
         tables["obj_vs_iou"] = obj_vs_iou_frame(detectors)
+    tables["levels"] = levels_table_frame(detectors, metrics)
+    tables["training"] = training_table_frame(detectors)
     tables["coco_ap"] = coco_frame(metrics, names)
     tables["provenance"] = provenance_frame(detectors, settings)
     return tables

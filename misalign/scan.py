@@ -4,11 +4,12 @@
     scan.counts        # Table 1's candidate stages per image (misalign.counts.candidate_stage_counts)
     scan.histograms    # score column -> {"pre_nms", "post_nms"} 2-D score-IoU histograms (Figure 1)
     scan.quadrants     # score column -> misalign.counts.quadrant_tallies
+    scan.levels        # ledger level -> misalign.levels.level_tallies (with a `level` column)
     scan.retained      # the rows any later analysis ranks or draws, with their columns
 
 A COCO pre-NMS ledger holds 2,000-4,000 candidates an image (10-20 M rows at COCO val). Most of
 them are only counted: Table 1, the histograms, the quadrants and the flags add up over row
-batches. What needs the rows themselves is small: the correlation pools (iou >= min_iou), the
+batches, and so do the per-level counts. What needs the rows themselves is small: the correlation pools (iou >= min_iou), the
 kept rows (AP), and every row of the few images drawn one by one. So candidates.parquet is read
 one row group at a time, the tallies are summed and only those rows are kept; memory grows with
 the pools, not with the ledger (docs/architecture.md, "memory").
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from misalign import counts
+from misalign import counts, levels
 from misalign.ledger import CANDIDATES, Ledger, iter_batches, read_images, read_meta, read_raw_counts
 
 HIST_BINS = 50  # Figure 1 density: bins per axis on [0, 1]
@@ -41,6 +42,7 @@ class CandidateScan:
     counts: dict  # (stage, condition) -> [I] int64, images in images.parquet order
     histograms: dict  # column -> {"pre_nms": [b, b] int64, "post_nms": [b, b] int64}
     quadrants: dict  # column -> {stage: {quadrant: n}}
+    levels: dict  # ledger level -> [n, kept, rows scored by the formula] (misalign.levels.level_tallies)
     retained: pd.DataFrame  # rows with iou >= retain_iou, kept rows, rows of the shown images
     num_rows: int = 0
     has_obj: bool = False  # some obj_score is finite
@@ -64,10 +66,11 @@ def _add(total: dict, part: dict) -> None:
             total[key] = value
 
 
-def _tally(batch: pd.DataFrame, positions: np.ndarray, num_images: int, pre_nms: bool) -> dict:
+def _tally(batch: pd.DataFrame, positions: np.ndarray, num_images: int, pre_nms: bool, formula) -> dict:
     """The additive tallies of one row batch."""
     tallies = {"counts": counts.candidate_stage_counts(batch, positions, num_images, pre_nms),
-               "histograms": {}, "quadrants": {}}
+               "histograms": {}, "quadrants": {},
+               "levels": levels.level_tallies(batch, formula) if "level" in batch.columns else {}}
     for column in HIST_COLUMNS:
         tallies["histograms"][column] = {
             stage: counts.score_iou_histogram(batch, column, kept_only=kept_only, bins=HIST_BINS)[0]
@@ -90,11 +93,12 @@ def _batches(path: Path, columns):
 
 
 def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, retain_iou: float,
-                    shown_ids=()) -> CandidateScan:
+                    shown_ids=(), formula=None) -> CandidateScan:
     """Read `folder`'s candidates (`columns`, which include image_id, cls_score, obj_score, score,
     kept, iou and crowd) row group by row group into a CandidateScan.
 
-    Retained: rows with iou >= retain_iou, kept rows and the rows of `shown_ids`; the histograms
+    Retained: rows with iou >= retain_iou, kept rows and the rows of `shown_ids`; formula: the
+    dump's misalign.levels.ScoreFormula (None: not known) the level tallies check; the histograms
     and quadrants of a post-NMS-only ledger have no pre-NMS stage (None).
     """
     shown_ids = np.asarray(shown_ids, np.int64)
@@ -104,7 +108,7 @@ def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, ret
     has_obj, score_is_cls, score_above_one = False, True, False
     for batch in _batches(Path(folder) / CANDIDATES, columns):
         positions = counts.image_positions(images, batch["image_id"].to_numpy(), "candidates.parquet")
-        _add(total, _tally(batch, positions, num_images, pre_nms))
+        _add(total, _tally(batch, positions, num_images, pre_nms, formula))
         score, cls = batch["score"].to_numpy(), batch["cls_score"].to_numpy()
         has_obj |= bool(np.isfinite(batch["obj_score"].to_numpy()).any())
         score_is_cls &= bool(np.array_equal(score, cls))
@@ -125,7 +129,8 @@ def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, ret
             quadrants[column].pop("pre_nms", None)
     candidate_counts = total.get("counts") or counts.candidate_stage_counts(
         frame.iloc[:0], np.zeros(0, np.int64), num_images, pre_nms)
-    return CandidateScan(counts=candidate_counts, histograms=histograms, quadrants=quadrants, retained=frame,
+    return CandidateScan(counts=candidate_counts, histograms=histograms, quadrants=quadrants,
+                         levels=total.get("levels") or {}, retained=frame,
                          num_rows=num_rows, has_obj=has_obj, score_is_cls=score_is_cls,
                          score_above_one=score_above_one)
 
@@ -138,7 +143,7 @@ def read_scanned(folder, columns, *, retain_iou: float, shown_ids=(), meta=None,
     images = read_images(folder) if images is None else images
     pre_nms = bool(meta.get("pre_nms", True))
     scan = scan_candidates(folder, images, pre_nms=pre_nms, columns=columns, retain_iou=retain_iou,
-                           shown_ids=shown_ids)
+                           shown_ids=shown_ids, formula=levels.score_formula(meta))
     ledger = Ledger(folder=folder, meta=meta, candidates=scan.retained, images=images,
                     raw_counts=read_raw_counts(folder))
     return ledger, scan

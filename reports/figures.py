@@ -28,8 +28,10 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, LogNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from misalign.counts import STAGE_TITLES  # noqa: E402
+from misalign.training import ALIGNMENT_BATCHES  # noqa: E402
 
 DPI = 120  # PNG resolution: sharp on screen, small files
 MAX_COLS = 4  # panels per row before wrapping (keeps figures readable with 10 detectors)
@@ -383,6 +385,40 @@ def figure_ap(ap: dict, palette: dict, keys=("AP", "AP50", "AP75", "APs", "APm",
     return _finish(fig, [Patch(color=palette[n]) for n in names], names, ncol=min(len(names), 5))
 
 
+TRAINING_PANELS = (
+    ("loss", "training loss (mean over the epoch's steps)", None),
+    ("align_spearman", "ρ(class prob. of the true class, IoU)", (-1, 1)),
+    ("obj_iou_mae", "mean |obj − IoU| (branch models)", (0, None)),
+)
+
+
+def figure_training(curves: dict, palette: dict):
+    """Per-epoch training curves, detectors overlaid: loss, align_spearman and obj_iou_mae against epoch.
+
+    curves: detector -> misalign.training per-epoch frame (epoch, loss, align_spearman, obj_iou_mae).
+    A panel whose column no detector logged is left out; NaN epochs leave gaps.
+    """
+    panels = [(col, title, limits) for col, title, limits in TRAINING_PANELS
+              if any(col in f and f[col].notna().any() for f in curves.values())]
+    names = list(curves)
+    # wide enough for the one-row legend of up to 8 names even with the loss panel alone
+    width = max(3.9 * len(panels) + 0.6, 1.3 + 1.45 * min(len(names), 8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.0), squeeze=False)
+    for ax, (col, title, limits) in zip(axes[0], panels):
+        for name, frame in curves.items():
+            if col in frame and frame[col].notna().any():
+                ax.plot(frame["epoch"], frame[col], color=palette[name], lw=1.5, marker="o", ms=3)
+        if limits is not None:
+            ax.set_ylim(bottom=limits[0], top=limits[1])
+        if col == "align_spearman":
+            ax.axhline(0, color="0.4", lw=0.8)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    return _finish(fig, [Patch(color=palette[n]) for n in names], names, ncol=min(len(names), 8))
+
+
 RESCORE_LINES = (("cls", "--", "cls alone"), ("cls*obj", "-.", "cls·obj"),
                  ("oracle_nms", ":", "oracle_nms (IoU-guided NMS)"),
                  ("oracle", (0, (1, 4)), "oracle (true IoU as score: upper bound)"))
@@ -554,6 +590,21 @@ def ap_section_figure(result, palette) -> Figure:
     return _figure("coco_ap", figure_ap(ap, palette), (
         "COCO AP (%) of each detector at a glance: overall, at IoU 0.5 and 0.75, and by object size.",
         "Bars are the numbers of the table above ×100."), "COCO AP")
+
+
+def training_section_figure(result, palette) -> Figure | None:
+    """The training curves of the dumps whose checkpoint folder holds a readable log.csv; None without any."""
+    curves = {d.name: d.training.epochs for d in result.detectors if d.training is not None and d.training.available}
+    if not curves:
+        return None
+    return _figure("training", figure_training(curves, palette), (
+        "Per epoch of each dump's training run (its checkpoint's log.csv): the loss averaged over the epoch's steps; "
+        "the Spearman ρ between the class probability of the true class and the IoU of the decoded box over the "
+        f"positive anchors of the epoch's last {ALIGNMENT_BATCHES} batches; and, for models with an objectness or IoU branch, the mean "
+        "absolute difference between that branch's probability and the same IoU.",
+        "A ρ that rises during training means the classifier learns to score well-localised anchors higher; an "
+        "obj-vs-IoU error that falls means the branch learns to predict localisation quality. Runs logged before "
+        "these columns existed show their loss only."), "training curves")
 
 
 def rescoring_section_figure(result, palette) -> Figure | None:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from misalign.compare import CompareSettings
+from misalign.training import ALIGNMENT_COLUMNS
 
 from . import errors as E
 from . import figures as F
@@ -129,6 +130,54 @@ def gallery_section(result, palette) -> dict:
             "reference": with_cases[0].name if with_cases else None}
 
 
+def levels_section(result, palette) -> dict:
+    """The per-level audit: notes on flagged levels and on what the dumps do not record, and the table."""
+    notes = []
+    for name, labels in result.flagged_levels.items():
+        d = next(d for d in result.detectors if d.name == name)
+        post = d.meta.get("postprocess") or {}
+        why = (" meta.json postprocess.conf_skip_p7 is true: the original RetinaNet-Conf code's rule, under which "
+               "a level with at most top-k anchors ranks by cls^(1−α) without the obj factor."
+               if post.get("conf_skip_p7") else " These levels were scored by another rule than the one recorded.")
+        notes.append(f"{name}: on {', '.join(labels)} the score is not the dump's own formula "
+                     f"({post.get('score_formula')!s}) on some or all rows (flagged in the table).{why}")
+    no_formula = [d.name for d in result.detectors if not _has_formula(d)]
+    if no_formula:
+        notes.append(f"{', '.join(no_formula)}: meta.json records no score formula misalign can apply (alpha, or "
+                     "score_formula 'cls'), so the formula share is –.")
+    unknown = [n for n in result.names if "unknown" in (result.metrics["detectors"][n].get("per_level") or {})]
+    if unknown:
+        notes.append(f"{', '.join(unknown)}: the ledger does not record FPN levels (level −1, e.g. imports): "
+                     "its candidates form one 'unknown' row.")
+    return {"notes": notes, "table": T.levels_table(result, palette)}
+
+
+def _has_formula(detector) -> bool:
+    from misalign.levels import score_formula
+
+    return score_formula(detector.meta) is not None
+
+
+def training_section(result, palette) -> dict:
+    """Training curves from each dump's checkpoint folder (log.csv), with notes on the dumps without them."""
+    notes = []
+    no_checkpoint = [d.name for d in result.detectors if d.training is None]
+    if no_checkpoint:
+        notes.append(f"{', '.join(no_checkpoint)}: meta.json names no checkpoint, so there is no log.csv to read.")
+    old = [d.name for d in result.detectors if d.training is not None and d.training.available
+           and not d.training.has_alignment]
+    if old:  # a zoo trained before the columns existed: one note, not one per run
+        notes.append(f"{', '.join(old)}: log.csv has no {' or '.join(ALIGNMENT_COLUMNS)} column (written before they "
+                     "were logged): loss curves only.")
+    for d in result.detectors:
+        if d.training is not None and not d.training.available:
+            notes.append(f"{d.name}: {d.training.note}: no training curves.")
+    figure = F.training_section_figure(result, palette)
+    if figure is None:
+        notes.append("No dump has a readable log.csv beside its checkpoint: no training curves.")
+    return {"notes": notes, "figure": figure, "table": T.training_table(result, palette)}
+
+
 BOOTSTRAP_METHOD_TEXT = {
     "exact": "exact replicates: Spearman ρ of each resample, its rows repeated as often as their image was drawn",
     "linear": "linearised replicates: for each resample, ρ plus the sum over images of (times drawn − 1) × the "
@@ -185,6 +234,8 @@ def build_context(result) -> dict:
         "gallery": gallery_section(result, palette),
         "errors": E.errors_section(result, palette),
         "calibration": E.calibration_section(result, palette),
+        "levels": levels_section(result, palette),
+        "training": training_section(result, palette),
         "coco": {"table": T.coco_table(result, palette), "figure": F.ap_section_figure(result, palette)},
         "provenance": {"table": T.provenance_table(result, palette),
                        "meta": [{"name": d.name, "path": str(d.folder), "json": meta_json_text(d.meta)}

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from misalign.counts import CONDITION_KEYS, TABLE1_STAGE_TITLES
+from misalign.training import ALIGNMENT_BATCHES
 
 from . import figures as F
 
@@ -52,6 +53,8 @@ def _cell(value, fmt) -> dict:
     if fmt is not None:
         text = fmt(value)
         cls = "neg" if getattr(fmt, "signed", False) and value < 0 else ("pos" if getattr(fmt, "signed", False) and value > 0 else "")
+        if hasattr(fmt, "css"):  # a format that marks some values (e.g. a flagged level)
+            cls = fmt.css(value)
         return {"text": text, "cls": cls}
     if isinstance(value, (float, np.floating)):
         return {"text": f"{value:.3f}", "cls": ""}
@@ -272,6 +275,50 @@ def rescoring_table(result, palette) -> Table:
         formats={**{k: fmt_float(3) for k in ("AP", "AP50", "AP75")}, "AP − actual AP": fmt_float(3, signed=True),
                  "kept boxes": fmt_count},
         left=("ranking",), groups="detector", colors=palette)
+
+
+def fmt_flag(flagged) -> str:
+    return "⚠ score ≠ formula" if flagged else ""
+
+
+fmt_flag.css = lambda flagged: "neg" if flagged else ""
+
+
+def levels_table(result, palette) -> Table:
+    """Per detector and FPN level (tables/levels.csv): candidates, kept, ρ(score, IoU), formula share, flag."""
+    frame = result.tables["levels"]
+    shown = frame.rename(columns={"n": "candidates", "spearman": "ρ(score, IoU)", "formula": "dump's formula",
+                                  "formula_share": "score = formula", "flagged": "flag"})
+    return Table("levels", shown, (
+        "Per detector and FPN level (P3 = stride 8 … P7 = stride 128; 'unknown' for ledgers without levels): its "
+        f"candidates before NMS, how many were kept, the Spearman ρ between score and IoU over its candidates with "
+        f"IoU ≥ min_iou ({result.settings.min_iou:g}), and the share of its candidates whose score equals the dump's "
+        "own score formula (meta.json postprocess) applied to their cls_score and obj_score, within 8 float32 ulps.",
+        "A share below 100% means the level was scored by another rule than the one the dump records (flagged): with "
+        "conf_skip_p7, the original RetinaNet-Conf code's rule, the levels with at most top-k anchors rank by "
+        "cls^(1−α) without the obj factor, a share of 0%. – : no formula misalign can apply (imports, other "
+        "frameworks) or fewer than 2 pool rows."),
+        formats={"candidates": fmt_count, "kept": fmt_count, "ρ(score, IoU)": fmt_float(3),
+                 "score = formula": fmt_percent(1), "flag": fmt_flag},
+        left=("level", "dump's formula", "flag"), colors=palette)
+
+
+def training_table(result, palette) -> Table | None:
+    """The last logged epoch of each dump's training run (tables/training.csv has every epoch)."""
+    frame = result.tables["training"]
+    if not len(frame):
+        return None
+    last = frame.groupby("detector", sort=False).tail(1)
+    shown = last[["detector", "epoch", "step", "loss", "align_spearman", "obj_iou_mae"]].rename(
+        columns={"epoch": "epochs", "step": "steps", "loss": "loss (last epoch's mean)",
+                 "align_spearman": "ρ(cls of true class, IoU)", "obj_iou_mae": "mean |obj − IoU|"})
+    return Table("training", shown, (
+        "Each dump's training run at its last epoch: epochs and optimizer steps, the epoch's mean loss, and the "
+        f"alignment logged at its end (over the positive anchors of its last {ALIGNMENT_BATCHES} batches).",
+        "– : not logged (a log.csv written before these columns existed, or no objectness branch for the error). "
+        "tables/training.csv has every epoch."),
+        formats={"epochs": fmt_count, "steps": fmt_count, "loss (last epoch's mean)": fmt_float(4),
+                 "ρ(cls of true class, IoU)": fmt_float(3), "mean |obj − IoU|": fmt_float(3)}, colors=palette)
 
 
 def provenance_table(result, palette) -> Table:

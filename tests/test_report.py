@@ -31,7 +31,7 @@ from reference import slow_suppression
 SIZES = dict(num_images=10, cands_per_image=120, num_categories=4, gt_per_image=4, kept_per_image=15)
 REPORT_ARGS = ["--images", "2", "--bootstrap", "30", "--seed", "3"]
 SECTION_IDS = ("summary", "differences", "before-after", "figure1", "table1", "figure2", "gallery", "correlation",
-               "errors", "calibration", "coco", "provenance")
+               "errors", "calibration", "levels", "training", "coco", "provenance")
 
 
 def run(*args):
@@ -88,6 +88,8 @@ def json_normalised(obj):
 
 def test_metrics_json_is_compute_metrics_unchanged(ledgers, pair_report):
     from misalign.cocoeval import STAT_KEYS
+    from misalign.ledger import read_ledger
+    from misalign.levels import LEVEL_COLUMNS, per_level
     from misalign.metrics import compute_metrics
 
     metrics = json.loads((pair_report / "metrics.json").read_text())
@@ -96,7 +98,9 @@ def test_metrics_json_is_compute_metrics_unchanged(ledgers, pair_report):
     assert all(set(added) <= set(m) for m in metrics["detectors"].values())
     metrics["detectors"] = {n: {k: v for k, v in m.items() if k not in added} for n, m in metrics["detectors"].items()}
     expected = {"schema": 1, "detectors": {
-        name: compute_metrics(ledgers[name], ledgers["gt"], min_iou=0.5, bootstrap=30, seed=3)
+        name: {**compute_metrics(ledgers[name], ledgers["gt"], min_iou=0.5, bootstrap=30, seed=3),
+               "per_level": per_level(read_ledger(ledgers[name], columns=list(LEVEL_COLUMNS)).candidates,
+                                      read_ledger(ledgers[name], columns=[]).meta)}
         for name in ("base", "conf")}}
     assert metrics == json_normalised(expected)
     for name in ("base", "conf"):  # the suppression losses: the plain loops of tests/reference.py
@@ -106,7 +110,7 @@ def test_metrics_json_is_compute_metrics_unchanged(ledgers, pair_report):
     assert list(metrics) == ["schema", "detectors"] and list(metrics["detectors"]) == ["base", "conf"]
     conditions = [f"cls>{t:g}" for t in (0.05, 0.5, 0.6, 0.7, 0.8, 0.9)] + [f"iou>{t:g}" for t in (0.5, 0.6, 0.7, 0.8, 0.9)]
     for name, m in metrics["detectors"].items():
-        assert set(m) == {"ap", "ap_engine", "counts", "survival", "proportions", "crowd", "correlation"}
+        assert set(m) == {"ap", "ap_engine", "counts", "survival", "proportions", "crowd", "correlation", "per_level"}
         assert m["ap_engine"]["name"] in ENGINE_NAMES.values() and m["ap_engine"]["version"]
         assert list(m["ap"]) == list(STAT_KEYS)
         assert set(m["counts"]) == {"raw", "anchors", "pre_nms", "post_nms"}

@@ -62,6 +62,7 @@ def test_tallies_and_retained_rows_equal_whole_ledger_references(small_groups, m
 def test_streamed_report_metrics_equal_the_in_memory_analysis(small_groups):
     folder, gt = small_groups
     from misalign.calibration import obj_vs_iou as obj_vs_iou_of
+    from misalign.levels import per_level
     from misalign.suppression import per_gt_table, suppression_metrics
 
     streamed = compare([folder], gt, before_after_nms=True, bootstrap=30).metrics["detectors"]["dump"]
@@ -69,6 +70,7 @@ def test_streamed_report_metrics_equal_the_in_memory_analysis(small_groups):
     in_memory = json_safe(analyze(full, gt, name="dump", bootstrap=30).metrics)
     # the suppression losses from the retained rows only, against every row of the ledger
     assert streamed.pop("suppression") == json_safe(suppression_metrics(per_gt_table(full.candidates)))
+    assert streamed.pop("per_level") == json_safe(per_level(full.candidates, full.meta))
     obj_vs_iou, _ = obj_vs_iou_of(full.candidates["obj_score"].to_numpy(), full.candidates["iou"].to_numpy())
     assert streamed.pop("obj_vs_iou") == json_safe(obj_vs_iou)
     for key in ("errors", "nms_counterfactual", "calibration"):  # of the kept rows, read apart from the scan

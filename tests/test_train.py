@@ -253,7 +253,10 @@ def test_small_dataset_trains_a_step_with_the_cpu_recipe(small_objects_dataset, 
     code, error = run_cli(["train", "--data", str(small_objects_dataset), "--out", str(out), "--device", "cpu",
                            "--img-size", "300", "--max-size", "400", "--epochs", "1"])
     assert code == 0, error
-    assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1]
+    rows = read_log(out / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1]
+    # retinanet has no objectness branch: its obj-vs-IoU error is NaN, its alignment finite.
+    assert -1 <= float(rows[0]["align_spearman"]) <= 1 and rows[0]["obj_iou_mae"] == "nan"
     training = load_checkpoint(out / "checkpoint.pt")["config"]["training"]
     assert (training["recipe"], training["epochs"], training["min_steps"]) == ("cpu", 1, 2250)
     assert (training["img_size"], training["max_size"]) == (300, 400)
@@ -344,8 +347,11 @@ def test_resume_of_another_model_or_class_set(trained_run, shapes_dataset, make_
 def test_run_files(trained_run, shapes_dataset):
     rows = read_log(trained_run / "log.csv")
     assert list(rows[0]) == ["step", "epoch", "classification", "bbox_regression", "objectness", "loss", "lr",
-                             "images_per_s"]
+                             "images_per_s", "align_spearman", "obj_iou_mae"]
     assert [int(r["step"]) for r in rows] == [1, 2, 3]  # 12 images, batch 4
+    # The epoch's alignment (its last ALIGNMENT_BATCHES batches: all 3 here) on its last step only.
+    assert [(r["align_spearman"], r["obj_iou_mae"]) for r in rows[:2]] == [("", "")] * 2
+    assert -1 <= float(rows[2]["align_spearman"]) <= 1 and 0 <= float(rows[2]["obj_iou_mae"]) <= 1
     for row in rows:
         terms = float(row["classification"]) + float(row["bbox_regression"]) + float(row["objectness"])
         assert float(row["loss"]) == pytest.approx(terms, rel=1e-4)
