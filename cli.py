@@ -101,23 +101,26 @@ def _parse_model_options(pairs: tuple[str, ...], option: str = "--model-option")
 
 
 def _default(config_class: str, name: str):
-    """The default of field `name` of `config_class`: detector.recipe's TrainConfig or DumpConfig, or
-    misalign.settings' CompareSettings (the report's). The CLI shows and uses the configs' own
-    defaults; neither module imports torch, numpy or pandas."""
+    """The default of field `name` of `config_class`: detector.recipe's TrainConfig or DumpConfig,
+    detector.capture.config's CaptureConfig or UltralyticsConfig, or misalign.settings'
+    CompareSettings (the report's). The CLI shows and uses the configs' own defaults; none of these
+    modules imports torch or pandas."""
     import dataclasses
 
     from detector import recipe
+    from detector.capture import config as capture_config
     from misalign import settings
 
-    config = getattr(recipe, config_class, None) or getattr(settings, config_class)
-    return {f.name: f.default for f in dataclasses.fields(config)}[name]
+    module = next(m for m in (recipe, capture_config, settings) if hasattr(m, config_class))
+    return {f.name: f.default for f in dataclasses.fields(getattr(module, config_class))}[name]
 
 
 def _split_and_out(command):
     """The dataset (--data/--split or --ann/--images) and --out options of every ledger-writing command."""
     options = [
         click.option("--data", type=click.Path(), help="Dataset folder in COCO layout."),
-        click.option("--split", default="val", show_default=True, help="Split: annotations/instances_SPLIT.json and SPLIT/."),
+        click.option("--split", default=_default("DumpConfig", "split"), show_default=True,
+                     help="Split: annotations/instances_SPLIT.json and SPLIT/."),
         click.option("--ann", type=click.Path(), help="Annotation file (instead of --data/--split)."),
         click.option("--images", type=click.Path(), help="Image folder (instead of --data/--split)."),
         click.option("--out", required=True, type=click.Path(), help="Dump folder to write (replaced when complete)."),
@@ -273,8 +276,10 @@ def capture() -> None:
               help="A builder keyword argument (JSON value), e.g. -o score_thresh=0.001 -o detections_per_img=100.")
 @click.option("--label-map", type=click.Path(), help="JSON {label: category id} [labels are category ids].")
 @_split_and_out
-@click.option("--batch-size", default=4, show_default=True, help="Images per forward pass.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", default=_default("CaptureConfig", "batch_size"), show_default=True,
+              help="Images per forward pass.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_default("CaptureConfig", "device"),
+              show_default=True)
 @click.option("--limit", type=int, help="Capture only the first N images (by id).")
 @click.option("--part-images", type=int, help="Images per part of the ledger, the unit of --resume and of torchrun's shards [128].")
 @click.option("--resume", is_flag=True, help="Continue a stopped capture of the same settings into --out, keeping its finished parts.")
@@ -303,12 +308,16 @@ def capture_torchvision(model, weights, num_classes, options, label_map, data, s
 @click.option("--weights", required=True, type=click.Path(), help="YOLO .pt file (v8, 11), or a model .yaml (random weights).")
 @click.option("--label-map", type=click.Path(), help="JSON {class index: category id} [class i = the i-th category by id].")
 @_split_and_out
-@click.option("--imgsz", default=640, show_default=True, help="Letterboxed input side.")
-@click.option("--conf", default=0.001, show_default=True, help="Candidate threshold (ultralytics' validation default).")
-@click.option("--iou", default=0.7, show_default=True, help="NMS IoU threshold.")
-@click.option("--max-det", default=300, show_default=True, help="Detections kept per image.")
-@click.option("--batch-size", default=8, show_default=True, help="Images per forward pass.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:0, ...")
+@click.option("--imgsz", default=_default("UltralyticsConfig", "imgsz"), show_default=True, help="Letterboxed input side.")
+@click.option("--conf", default=_default("UltralyticsConfig", "conf"), show_default=True,
+              help="Candidate threshold (ultralytics' validation default).")
+@click.option("--iou", default=_default("UltralyticsConfig", "iou"), show_default=True, help="NMS IoU threshold.")
+@click.option("--max-det", default=_default("UltralyticsConfig", "max_det"), show_default=True,
+              help="Detections kept per image.")
+@click.option("--batch-size", default=_default("UltralyticsConfig", "batch_size"), show_default=True,
+              help="Images per forward pass.")
+@click.option("--device", default=_default("UltralyticsConfig", "device"), show_default=True,
+              help="cpu, cuda, cuda:0, ...")
 @click.option("--limit", type=int, help="Capture only the first N images (by id).")
 def capture_ultralytics(**options) -> None:
     """Capture an ultralytics YOLO detector: validation-mode candidates, ultralytics' own NMS."""

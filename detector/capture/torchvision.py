@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,31 +31,14 @@ from torchvision.ops import boxes as box_ops
 from misalign import parts as ledger_parts
 from misalign.coco import load_coco_json, resolve_dataset
 from detector.capture import read_rgb
+from detector.capture.config import CaptureConfig
+from detector.device import resolve_device
 from detector.truth_device import GroundTruth, candidate_truth, to_host
 from misalign.errors import InputError
 from misalign.io import file_sha256
 from misalign.recorder import LedgerRecorder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CaptureConfig:
-    model: str  # a torchvision.models.detection builder name, e.g. retinanet_resnet50_fpn_v2
-    out: str  # the dump folder; replaced only once the new ledger is whole
-    data: str | None = None  # dataset root in COCO layout (with `split`) ...
-    split: str | None = "val"  # ... split name: annotations/instances_<split>.json and <split>/
-    ann: str | None = None  # or an explicit annotation file ...
-    images: str | None = None  # ... and image folder
-    weights: str | None = None  # state-dict file for the builder's model; None: random weights
-    num_classes: int | None = None  # the builder's num_classes; None: its default (91 for COCO)
-    options: dict = field(default_factory=dict)  # the builder's keyword arguments (score_thresh=0.001, ...)
-    label_map: str | None = None  # JSON file {label: category id}; None: labels are category ids
-    batch_size: int = 4  # images per forward pass
-    device: str = "cpu"  # cpu | cuda | auto
-    limit: int | None = None  # capture only the first N images (by id)
-    resume: bool = False  # continue a stopped capture of the same settings, keeping its finished parts
-    part_images: int | None = None  # images per part; None: misalign.parts.IMAGES_PER_PART
 
 
 def detection_builders() -> list[str]:
@@ -243,8 +225,7 @@ def capture(config: CaptureConfig) -> Path:
     ann_path, images_dir = resolve_dataset(config.data, config.split, config.ann, config.images)
     label_map = read_label_map(config.label_map) if config.label_map else None
     model = build_model(config).eval()
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
+    device = resolve_device(config.device)
     ctx = setup_distributed(device)
     try:
         _capture(config, ctx, model, ann_path, images_dir, label_map)

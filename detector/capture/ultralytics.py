@@ -15,13 +15,13 @@ Labels: class index i is the dataset's i-th category in id order, unless a label
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from detector.capture import read_rgb
+from detector.capture.config import UltralyticsConfig
 from misalign.coco import load_coco_json, resolve_dataset
 from misalign.errors import InputError
 from misalign.io import file_sha256
@@ -30,24 +30,6 @@ from misalign.recorder import LedgerRecorder
 log = logging.getLogger(__name__)
 
 MAX_NMS = 30000  # ultralytics' non_max_suppression default: pairs entering its NMS at most
-
-
-@dataclass
-class UltralyticsConfig:
-    weights: str  # a YOLO .pt file, or a model .yaml (random weights, nothing downloaded)
-    out: str  # the dump folder; replaced only once the new ledger is whole
-    data: str | None = None  # dataset root in COCO layout (with `split`) ...
-    split: str | None = "val"
-    ann: str | None = None  # or an explicit annotation file ...
-    images: str | None = None  # ... and image folder
-    imgsz: int = 640  # letterboxed input side
-    conf: float = 0.001  # ultralytics' validation defaults
-    iou: float = 0.7
-    max_det: int = 300
-    label_map: str | None = None  # JSON {class index: category id}; None: the i-th category by id
-    batch_size: int = 8
-    device: str = "cpu"
-    limit: int | None = None  # only the first N images (by id)
 
 
 def _ultralytics():
