@@ -295,8 +295,8 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     and the gt path."""
     from misalign.ledger import read_images, read_ledger, read_meta, validate_ledger
     from misalign.cocoeval import hotcoco_ground_truth
-    from misalign.metrics import (ANALYSIS_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze, check_ground_truth,
-                                  load_ground_truth)
+    from misalign.metrics import (ANALYSIS_COLUMNS, BOX_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze,
+                                  check_ground_truth, load_ground_truth)
     from misalign.scan import read_scanned
     from misalign.levels import LEVEL_COLUMNS, level_entries, score_formula
     from misalign.training import training_curves
@@ -316,6 +316,7 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     columns = [*STREAMED_ANALYSIS_COLUMNS, *(c for c in suppression.SUPPRESSION_COLUMNS
                                               if c not in STREAMED_ANALYSIS_COLUMNS)]
     columns += [c for c in LEVEL_COLUMNS if c not in columns]
+    columns += [c for c in BOX_COLUMNS if c not in columns]  # AP, the gallery and the NMS error read retained boxes
     for folder, name, meta, images in zip(folders, names, metas, image_tables):
         # every analysis of the retained rows pools iou >= RETAIN_IOU (or the correlation's own floor) or kept rows
         ledger, scan = read_scanned(folder, columns, retain_iou=min(settings.min_iou, RETAIN_IOU),
@@ -369,10 +370,10 @@ def _errors_and_calibration(ledger, analysis, coco_gt, hot_gt, loss_table):
     from misalign import calibration as C
     from misalign import tide
     from misalign.cocoeval import diagnose_detections, evaluate_detections, ground_truth_boxes
-    from misalign.ledger import read_candidate_rows, read_candidates
+    from misalign.ledger import kept_rows, rows_by_cand_id
 
     cands, image_ids = ledger.candidates, analysis.image_ids
-    kept = read_candidates(ledger.folder, KEPT_COLUMNS, kept_only=True)  # the detector's output, file order
+    kept = kept_rows(ledger, KEPT_COLUMNS)  # the detector's output, file order
     detections = kept[KEPT_COLUMNS[:7]].to_numpy(np.float64)  # evaluate_detections' layout
     diagnosis = diagnose_detections(hot_gt, detections, image_ids, C.MATCH_THRESHOLDS)
     ap, nms_ap, losses, replacements, note = analysis.metrics["ap"], None, None, None, None
@@ -383,7 +384,7 @@ def _errors_and_calibration(ledger, analysis, coco_gt, hot_gt, loss_table):
         nms_ap = ap  # no edit: the same output, the same AP
         if len(edits):
             source = cands["cand_id"].to_numpy(np.int64)[edits["source_row"].to_numpy(np.int64)]
-            boxes = read_candidate_rows(ledger.folder, source, list(tide.AP_BOX_COLUMNS)).set_index("cand_id")
+            boxes = rows_by_cand_id(ledger, source, list(tide.AP_BOX_COLUMNS)).set_index("cand_id")
             changed = tide.replaced_detections(detections, np.flatnonzero(cands["kept"].to_numpy(bool)), edits,
                                                boxes.loc[source, list(tide.AP_BOX_COLUMNS)].to_numpy(np.float64))
             nms_ap = evaluate_detections(coco_gt, changed, image_ids)

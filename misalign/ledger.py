@@ -423,6 +423,29 @@ def read_candidate_rows(folder, cand_ids, columns) -> pd.DataFrame:
     return read_candidates(folder, columns, where=lambda t: pc.is_in(t["cand_id"], value_set=wanted))
 
 
+
+def kept_rows(ledger: "Ledger", columns) -> pd.DataFrame:
+    """The kept rows of `ledger` with `columns`, in file order: from its candidates in memory when
+    they hold the columns (misalign.scan keeps every kept row), else read, kept rows only."""
+    cands = ledger.candidates
+    if all(c in cands.columns for c in columns):
+        return cands.loc[cands["kept"].to_numpy(bool), list(columns)]
+    return read_candidates(ledger.folder, list(columns), kept_only=True)
+
+
+def rows_by_cand_id(ledger: "Ledger", cand_ids, columns) -> pd.DataFrame:
+    """cand_id and `columns` of the candidates `cand_ids` (-1 ignored), in file order: from memory when
+    the candidates there hold the columns and every one of these rows, else read (read_candidate_rows)."""
+    cands = ledger.candidates
+    ids = np.asarray(cand_ids, np.int64)
+    ids = ids[ids >= 0]
+    columns = ["cand_id", *[c for c in columns if c != "cand_id"]]
+    if all(c in cands.columns for c in columns):
+        rows = cands[np.isin(cands["cand_id"].to_numpy(np.int64), ids)]
+        if len(rows) == len(np.unique(ids)):
+            return rows[columns].reset_index(drop=True)
+    return read_candidate_rows(ledger.folder, ids, columns)
+
 def read_images(folder) -> pd.DataFrame:
     """images.parquet as a DataFrame (IMAGE_SCHEMA)."""
     return _read_table(Path(folder) / IMAGES, IMAGE_SCHEMA, None)

@@ -42,7 +42,7 @@ from misalign.correlation import (RankedPool, bootstrap_counts, correlation_pool
                                   per_gt_spearman_columns, percentile_ci, pool_mask, rank_correlations,
                                   spearman_influence)
 from misalign.errors import InputError
-from misalign.ledger import Ledger, read_ledger
+from misalign.ledger import Ledger, kept_rows, read_ledger
 from misalign.settings import DEFAULT_BOOTSTRAP
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,6 @@ def evaluate_ap(coco_gt, kept: pd.DataFrame, image_ids) -> dict[str, float]:
     dets = np.column_stack([kept["image_id"].to_numpy(np.float64), x1, y1, w, h,
                             kept["score"].to_numpy(np.float64), kept["category_id"].to_numpy(np.float64)])
     return evaluate_detections(coco_gt, dets, image_ids)  # [N, 7] pycocotools' loadNumpyAnnotations layout
-
-
-def _kept_rows(ledger: Ledger) -> pd.DataFrame:
-    """The kept rows with AP_COLUMNS: from the candidates in memory, or read (kept rows only) when
-    the ledger was read without boxes (STREAMED_ANALYSIS_COLUMNS)."""
-    candidates = ledger.candidates
-    if all(c in candidates.columns for c in ("x1", "y1", "x2", "y2")):
-        return candidates[candidates["kept"].to_numpy()]
-    from misalign.ledger import read_candidates
-
-    return read_candidates(ledger.folder, AP_COLUMNS, kept_only=True)
 
 
 def check_ground_truth(ledger: Ledger, coco_gt, gt_name: str) -> None:
@@ -262,7 +251,7 @@ def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
     images = ledger.images
     image_ids = np.sort(images["image_id"].to_numpy(np.int64))
 
-    ap = evaluate_ap(coco_gt, _kept_rows(ledger), image_ids)
+    ap = evaluate_ap(coco_gt, kept_rows(ledger, AP_COLUMNS), image_ids)
     per_image = _counts.per_image_counts(ledger, candidate_counts)
     totals = _counts.stage_totals(per_image, pre_nms=ledger.pre_nms)
 

@@ -32,7 +32,7 @@ Public API:
 - suppression_metrics(table) -> metrics.json `suppression`; unavailable_metrics() for post-NMS-only dumps
 - worst_losses(table, size) -> gt ids; gallery_cases(table, gt_ids) -> DataFrame (no boxes yet)
 - add_boxes(cases, candidate_boxes, gt_annotations), add_image_files(cases, images, image_folder)
-- read_pool(folder), read_boxes(folder, cand_ids): the ledger reads
+- read_pool(folder), read_boxes(ledger, cand_ids): the ledger reads
 - ledger_table(ledger) -> per_gt_table or None; analyse_ledger(ledger, coco_gt, gallery_gt_ids=None, table=None) -> (metrics, cases or None)
 """
 
@@ -269,11 +269,11 @@ def read_pool(folder) -> pd.DataFrame:
     return read_candidates(folder, list(SUPPRESSION_COLUMNS), where=_relevant)
 
 
-def read_boxes(folder, cand_ids) -> pd.DataFrame:
-    """cand_id, x1, y1, x2, y2 of the candidates `cand_ids` (the only boxes the gallery reads)."""
-    from misalign.ledger import read_candidate_rows
+def read_boxes(ledger, cand_ids) -> pd.DataFrame:
+    """cand_id, x1, y1, x2, y2 of the candidates `cand_ids` (the only boxes the gallery needs)."""
+    from misalign.ledger import rows_by_cand_id
 
-    return read_candidate_rows(folder, cand_ids, list(BOX))
+    return rows_by_cand_id(ledger, cand_ids, list(BOX))
 
 
 def ledger_table(ledger) -> pd.DataFrame | None:
@@ -300,7 +300,7 @@ def analyse_ledger(ledger, coco_gt, gallery_gt_ids=None, table=None) -> tuple[di
         return unavailable_metrics(), None
     ids = worst_losses(table) if gallery_gt_ids is None else np.asarray(gallery_gt_ids, np.int64)
     cases = gallery_cases(table, ids)
-    boxes = read_boxes(ledger.folder, np.r_[cases["kept_cand_id"], cases["suppressed_cand_id"]])
+    boxes = read_boxes(ledger, np.r_[cases["kept_cand_id"], cases["suppressed_cand_id"]])
     cases = add_boxes(cases, boxes, gt_annotations(coco_gt, ids))
     image_folder = (ledger.meta.get("dataset") or {}).get("images")
     return suppression_metrics(table), add_image_files(cases, ledger.images, image_folder)[list(CASE_COLUMNS)]

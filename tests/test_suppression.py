@@ -130,6 +130,11 @@ def test_ties_everywhere_match_the_reference(synthetic):
     assert_matches_reference(frame.sample(frac=1.0, random_state=1))
 
 
+def full_boxes(folder, cand_ids):
+    frame = pd.read_parquet(folder / "candidates.parquet")
+    return frame.set_index("cand_id").loc[cand_ids, ["x1", "y1"]].to_numpy()
+
+
 def test_read_pool_holds_exactly_the_rows_that_can_matter(synthetic):
     full = read_ledger(synthetic["dump"], columns=COLUMNS).candidates
     pool = S.read_pool(synthetic["dump"])
@@ -137,8 +142,11 @@ def test_read_pool_holds_exactly_the_rows_that_can_matter(synthetic):
     assert 0 < len(pool) < len(full)
     pd.testing.assert_frame_equal(pool, full[mask].reset_index(drop=True))
     assert S.suppression_metrics(S.per_gt_table(pool)) == S.suppression_metrics(S.per_gt_table(full))
-    boxes = S.read_boxes(synthetic["dump"], [7, 3, -1, 7])
-    assert boxes["cand_id"].tolist() == [3, 7] and list(boxes.columns) == ["cand_id", "x1", "y1", "x2", "y2"]
+    read = S.read_boxes(read_ledger(synthetic["dump"], columns=COLUMNS), [7, 3, -1, 7])  # no boxes in memory: read
+    assert read["cand_id"].tolist() == [3, 7] and list(read.columns) == ["cand_id", "x1", "y1", "x2", "y2"]
+    in_memory = S.read_boxes(read_ledger(synthetic["dump"]), [7, 3, -1, 7])
+    pd.testing.assert_frame_equal(in_memory, read)
+    np.testing.assert_array_equal(read[["x1", "y1"]].to_numpy(), full_boxes(synthetic["dump"], [3, 7]))
 
 
 def test_gallery_cases_are_the_worst_losses_with_their_boxes(synthetic):
