@@ -302,8 +302,8 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     from misalign.training import training_curves
 
     names = detector_names(folders, settings.names)
-    for folder in folders:
-        validate_ledger(folder)
+    for folder in folders:  # files and schemas of every dump first; each one's rows in its own scan below
+        validate_ledger(folder, check_content=False)
     metas = [read_meta(f) for f in folders]
     image_tables = [read_images(f) for f in folders]
     image_sets = [np.sort(t["image_id"].to_numpy(np.int64)) for t in image_tables]
@@ -320,7 +320,7 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     for folder, name, meta, images in zip(folders, names, metas, image_tables):
         # every analysis of the retained rows pools iou >= RETAIN_IOU (or the correlation's own floor) or kept rows
         ledger, scan = read_scanned(folder, columns, retain_iou=min(settings.min_iou, RETAIN_IOU),
-                                    shown_ids=shown_ids, meta=meta, images=images)
+                                    shown_ids=shown_ids, meta=meta, images=images, validate=True)
         check_ground_truth(ledger, coco_gt, str(gt_path))
         log.info("analysing %s (%d candidates, %d retained)", name, scan.num_rows, len(scan.retained))
         analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,

@@ -603,17 +603,9 @@ def validate_ledger(folder, check_content: bool = True) -> None:
             _check_schema(folder / name, schema, columns)
     if not check_content:
         return
-    images = pq.read_table(folder / IMAGES, columns=["image_id"]).column("image_id").to_numpy()
-    _check_unique(folder / IMAGES, images, "image_id")
-    known_images = np.sort(images)
-    _check_candidates(folder / CANDIDATES, known_images)
-    raw_counts = read_raw_counts(folder)
-    _check_known(folder / RAW_COUNTS, raw_counts["image_id"].to_numpy(), known_images, "image_id")
-    for row, (stage, quantity) in enumerate(zip(raw_counts["stage"], raw_counts["quantity"])):
-        if quantity not in STAGES.get(stage, ()):
-            raise InputError(f"{folder / RAW_COUNTS}: row {row}: stage {stage!r} / quantity {quantity!r} "
-                             f"is not one of {STAGES}")
-    _first_bad(folder / RAW_COUNTS, raw_counts["count"].to_numpy() < 0, "count is negative")
+    known = known_images(folder)
+    _check_candidates(folder / CANDIDATES, known)
+    check_raw_counts(folder, known)
 
 
 def _first_bad(path: Path, bad: np.ndarray, problem: str, ids: np.ndarray | None = None) -> None:
@@ -640,46 +632,89 @@ def _check_known(path: Path, values: np.ndarray, known_sorted: np.ndarray, colum
         raise InputError(f"{path}: row {offset + row}: {column} {values[row]} is not in images.parquet")
 
 
-def _check_candidates(path: Path, known_images: np.ndarray) -> None:
-    """Row checks of candidates, streamed batch by batch; the NMS references are checked at the end
-    from compact arrays (cand_id, image of each row, whether it survived NMS)."""
-    columns = ["cand_id", "image_id", "x1", "y1", "x2", "y2", "cls_score", "score", "kept", "suppressed_by",
-               "iou", "iou_any"]
-    sizes = [c for c in ("w", "h") if c in _parquet_schema(path).names]
-    all_ids, all_images, all_sup, offset = [], [], [], 0
-    for batch in iter_batches(path, columns + sizes):
-        col = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in columns + sizes}
+CHECKED_COLUMNS = ("cand_id", "image_id", "x1", "y1", "x2", "y2", "cls_score", "score", "kept", "suppressed_by",
+                   "iou", "iou_any")  # what the row checks of candidates.parquet read (w, h too where stored)
+
+
+class CandidateChecker:
+    """The row checks of candidates.parquet, batch by batch: `add` each batch (dict or DataFrame of
+    CHECKED_COLUMNS and the stored w, h) in file order, then `finish`; InputError (one line, the row in
+    the whole file) on the first problem. Row-local rules run on each batch; the NMS references are
+    checked at the end from compact arrays (cand_id, image of each row, suppressed_by). A reader that
+    streams the candidates anyway (misalign.scan) checks them in its own pass."""
+
+    def __init__(self, path: Path, known_images: np.ndarray, sizes=()):
+        self.path, self.known_images, self.sizes = Path(path), known_images, list(sizes)
+        self.ids, self.images, self.sup, self.offset = [], [], [], 0
+
+    def add(self, batch) -> None:
+        col = {name: np.asarray(batch[name]) for name in (*CHECKED_COLUMNS, *self.sizes)}
         ids = col["cand_id"]
-        bad_at = _first_bad_row(col, sizes)
+        bad_at = _first_bad_row(col, self.sizes)
         if bad_at is not None:  # name the row in the whole file, not the batch
             row, problem = bad_at
-            raise InputError(f"{path}: row {offset + row} (cand_id {ids[row]}): {problem}")
-        _check_known(path, col["image_id"], known_images, "image_id", offset)
-        all_ids.append(ids)
-        all_images.append(col["image_id"])
-        all_sup.append(col["suppressed_by"])
-        offset += len(ids)
-    ids = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64)
-    images = np.concatenate(all_images) if all_images else np.zeros(0, np.int64)
-    sup = np.concatenate(all_sup) if all_sup else np.zeros(0, np.int64)
-    del all_ids, all_images, all_sup
-    ascending = bool(np.all(ids[1:] > ids[:-1]))  # the writer's numbering: no sort needed
-    if not ascending:
-        _check_unique(path, ids, "cand_id")
-    rows = np.flatnonzero(sup >= 0)
-    if not len(rows):
-        return
-    order = None if ascending else np.argsort(ids)
-    pos = np.clip(np.searchsorted(ids, sup[rows], sorter=order), 0, len(ids) - 1)
-    target = pos if order is None else order[pos]  # [S] row of the suppressor
-    missing = ids[target] != sup[rows]
-    bad = np.zeros(len(ids), bool)
-    bad[rows[missing]] = True
-    _first_bad(path, bad, "suppressed_by names no cand_id of the ledger", ids)
-    bad[rows[sup[target] != -1]] = True
-    _first_bad(path, bad, "suppressed_by names a candidate that did not survive NMS", ids)
-    bad[rows[images[target] != images[rows]]] = True
-    _first_bad(path, bad, "suppressed_by names a candidate of another image", ids)
+            raise InputError(f"{self.path}: row {self.offset + row} (cand_id {ids[row]}): {problem}")
+        _check_known(self.path, col["image_id"], self.known_images, "image_id", self.offset)
+        self.ids.append(ids)
+        self.images.append(col["image_id"])
+        self.sup.append(col["suppressed_by"])
+        self.offset += len(ids)
+
+    def finish(self) -> None:
+        path = self.path
+        join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+        ids, images, sup = join(self.ids), join(self.images), join(self.sup)
+        self.ids, self.images, self.sup = [], [], []
+        ascending = bool(np.all(ids[1:] > ids[:-1]))  # the writer's numbering: no sort needed
+        if not ascending:
+            _check_unique(path, ids, "cand_id")
+        rows = np.flatnonzero(sup >= 0)
+        if not len(rows):
+            return
+        order = None if ascending else np.argsort(ids)
+        pos = np.clip(np.searchsorted(ids, sup[rows], sorter=order), 0, len(ids) - 1)
+        target = pos if order is None else order[pos]  # [S] row of the suppressor
+        missing = ids[target] != sup[rows]
+        bad = np.zeros(len(ids), bool)
+        bad[rows[missing]] = True
+        _first_bad(path, bad, "suppressed_by names no cand_id of the ledger", ids)
+        bad[rows[sup[target] != -1]] = True
+        _first_bad(path, bad, "suppressed_by names a candidate that did not survive NMS", ids)
+        bad[rows[images[target] != images[rows]]] = True
+        _first_bad(path, bad, "suppressed_by names a candidate of another image", ids)
+
+
+def stored_sizes(path: Path) -> list[str]:
+    """w, h where candidates.parquet stores them (a schema-1 file does not)."""
+    return [c for c in ("w", "h") if c in _parquet_schema(path).names]
+
+
+def _check_candidates(path: Path, known_images: np.ndarray) -> None:
+    """The row checks of candidates.parquet (CandidateChecker), reading its batches."""
+    sizes = stored_sizes(path)
+    checker = CandidateChecker(path, known_images, sizes)
+    for batch in iter_batches(path, [*CHECKED_COLUMNS, *sizes]):
+        checker.add({name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names})
+    checker.finish()
+
+
+def known_images(folder) -> np.ndarray:
+    """The sorted image ids of images.parquet (InputError if one appears twice)."""
+    images = pq.read_table(Path(folder) / IMAGES, columns=["image_id"]).column("image_id").to_numpy()
+    _check_unique(Path(folder) / IMAGES, images, "image_id")
+    return np.sort(images)
+
+
+def check_raw_counts(folder, known: np.ndarray) -> None:
+    """raw_counts.parquet's rows: known images, known stage/quantity pairs, no negative count."""
+    folder = Path(folder)
+    raw_counts = read_raw_counts(folder)
+    _check_known(folder / RAW_COUNTS, raw_counts["image_id"].to_numpy(), known, "image_id")
+    for row, (stage, quantity) in enumerate(zip(raw_counts["stage"], raw_counts["quantity"])):
+        if quantity not in STAGES.get(stage, ()):
+            raise InputError(f"{folder / RAW_COUNTS}: row {row}: stage {stage!r} / quantity {quantity!r} "
+                             f"is not one of {STAGES}")
+    _first_bad(folder / RAW_COUNTS, raw_counts["count"].to_numpy() < 0, "count is negative")
 
 
 def _first_bad_row(col: dict, sizes) -> tuple[int, str] | None:

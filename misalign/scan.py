@@ -25,7 +25,8 @@ import pandas as pd
 import pyarrow as pa
 
 from misalign import counts, levels
-from misalign.ledger import CANDIDATES, Ledger, iter_batches, read_images, read_meta, read_raw_counts
+from misalign.ledger import (CANDIDATES, CHECKED_COLUMNS, CandidateChecker, Ledger, check_raw_counts, iter_batches,
+                             known_images, read_images, read_meta, read_raw_counts, stored_sizes)
 
 HIST_BINS = 50  # Figure 1 density: bins per axis on [0, 1]
 HIST_COLUMNS = ("cls_score", "obj_score", "score")  # the score columns Figure 1 can draw against IoU
@@ -93,12 +94,14 @@ def _batches(path: Path, columns):
 
 
 def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, retain_iou: float,
-                    shown_ids=(), formula=None) -> CandidateScan:
+                    shown_ids=(), formula=None, checker=None) -> CandidateScan:
     """Read `folder`'s candidates (`columns`, which include image_id, cls_score, obj_score, score,
     kept, iou and crowd) row group by row group into a CandidateScan.
 
     Retained: rows with iou >= retain_iou, kept rows and the rows of `shown_ids`; formula: the
-    dump's misalign.levels.ScoreFormula (None: not known) the level tallies check; the histograms
+    dump's misalign.levels.ScoreFormula (None: not known) the level tallies check; checker: a
+    misalign.ledger.CandidateChecker that checks every batch's rows in the same pass (its columns are
+    read too; `finish` is the caller's); the histograms
     and quadrants of a post-NMS-only ledger have no pre-NMS stage (None).
     """
     shown_ids = np.asarray(shown_ids, np.int64)
@@ -106,7 +109,11 @@ def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, ret
     total: dict = {}
     retained, num_rows = [], 0
     has_obj, score_is_cls, score_above_one = False, True, False
-    for batch in _batches(Path(folder) / CANDIDATES, columns):
+    read = list(columns) if checker is None else [*columns, *(c for c in (*CHECKED_COLUMNS, *checker.sizes)
+                                                               if c not in columns)]
+    for batch in _batches(Path(folder) / CANDIDATES, read):
+        if checker is not None:
+            checker.add(batch)
         positions = counts.image_positions(images, batch["image_id"].to_numpy(), "candidates.parquet")
         _add(total, _tally(batch, positions, num_images, pre_nms, formula))
         score, cls = batch["score"].to_numpy(), batch["cls_score"].to_numpy()
@@ -116,7 +123,7 @@ def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, ret
         iou = batch["iou"].to_numpy()
         keep = ((iou >= np.asarray(retain_iou, iou.dtype)) | batch["kept"].to_numpy(bool)
                 | np.isin(batch["image_id"].to_numpy(), shown_ids))
-        retained.append(batch[keep])
+        retained.append(batch.loc[keep, list(columns)])
         num_rows += len(batch)
     empty = pd.DataFrame({c: pd.Series(dtype=np.float32) for c in columns})
     frame = pd.concat(retained, ignore_index=True) if retained else empty
@@ -135,15 +142,25 @@ def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, ret
                          score_above_one=score_above_one)
 
 
-def read_scanned(folder, columns, *, retain_iou: float, shown_ids=(), meta=None, images=None) -> tuple[Ledger, CandidateScan]:
+def read_scanned(folder, columns, *, retain_iou: float, shown_ids=(), meta=None, images=None,
+                 validate: bool = False) -> tuple[Ledger, CandidateScan]:
     """The ledger in `folder` with only its retained candidate rows in memory, and the scan of all of
-    them (`meta`, `images`: already read, to read them once)."""
+    them (`meta`, `images`: already read, to read them once). validate: also the row checks of
+    misalign.ledger.validate_ledger (candidates in the scan's own pass, then raw_counts.parquet);
+    the caller has checked the files and schemas (validate_ledger(..., check_content=False))."""
     folder = Path(folder)
     meta = read_meta(folder) if meta is None else meta
     images = read_images(folder) if images is None else images
     pre_nms = bool(meta.get("pre_nms", True))
+    checker = None
+    if validate:
+        known = known_images(folder)
+        checker = CandidateChecker(folder / CANDIDATES, known, stored_sizes(folder / CANDIDATES))
     scan = scan_candidates(folder, images, pre_nms=pre_nms, columns=columns, retain_iou=retain_iou,
-                           shown_ids=shown_ids, formula=levels.score_formula(meta))
+                           shown_ids=shown_ids, formula=levels.score_formula(meta), checker=checker)
+    if validate:
+        checker.finish()
+        check_raw_counts(folder, known)
     ledger = Ledger(folder=folder, meta=meta, candidates=scan.retained, images=images,
                     raw_counts=read_raw_counts(folder))
     return ledger, scan

@@ -5,6 +5,7 @@ add up across batches; the references are numpy's histogram2d and plain masks ov
 """
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -77,3 +78,27 @@ def test_streamed_report_metrics_equal_the_in_memory_analysis(small_groups):
         streamed.pop(key)
     assert streamed == in_memory
     assert streamed["counts"]["pre_nms"]["iou>0.5"] > streamed["counts"]["post_nms"]["iou>0.5"] > 0
+
+
+@pytest.mark.parametrize("column,value", [("iou", 1.5), ("suppressed_by", 10**9), ("image_id", 99999)])
+def test_the_report_checks_rows_in_its_scan_as_validate_ledger_does(tmp_path, column, value):
+    """A bad row in the fourth row group: the report's one-line error is validate_ledger's, row numbered in
+    the whole file; nothing of the report is written."""
+    from misalign.errors import InputError
+    from misalign.ledger import validate_ledger
+    from reports import write_report
+
+    folder = tmp_path / "dump"
+    gt = synthetic_ledger(folder, num_images=10, cands_per_image=100, seed=2)
+    path = folder / "candidates.parquet"
+    frame = pq.read_table(path).to_pandas()
+    frame.loc[3 * 250 + 7, column] = value
+    pq.write_table(pa.Table.from_pandas(frame, schema=pq.read_schema(path), preserve_index=False), path,
+                   row_group_size=250)
+    with pytest.raises(InputError) as expected:
+        validate_ledger(folder)
+    assert "row 757" in str(expected.value)
+    with pytest.raises(InputError) as got:
+        write_report([folder], tmp_path / "report", gt=str(gt))
+    assert str(got.value) == str(expected.value)
+    assert not (tmp_path / "report").exists()
