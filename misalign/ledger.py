@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from misalign import __version__
@@ -415,8 +416,6 @@ def read_candidate_rows(folder, cand_ids, columns) -> pd.DataFrame:
     order, with `cand_id` and `columns` as `read_candidates` gives them: a few rows of a large pool
     (the boxes the gallery draws, those the NMS counterfactual gives back), filtered row group by row
     group without holding the others."""
-    import pyarrow.compute as pc
-
     ids = np.asarray(cand_ids, np.int64)
     wanted = pa.array(np.unique(ids[ids >= 0]), pa.int64())
     columns = ["cand_id", *[c for c in columns if c != "cand_id"]]
@@ -445,6 +444,34 @@ def rows_by_cand_id(ledger: "Ledger", cand_ids, columns) -> pd.DataFrame:
         if len(rows) == len(np.unique(ids)):
             return rows[columns].reset_index(drop=True)
     return read_candidate_rows(ledger.folder, ids, columns)
+
+def candidate_batches(folder, columns):
+    """Yield pyarrow Tables of candidates.parquet's `columns`, one per row group (of every part), as
+    `read_candidates` gives them: a schema-1 file's float32 boxes widened to float64 and the columns
+    it lacks derived (LEGACY_CANDIDATE_COLUMNS). For readers that stream the candidates (misalign.scan)."""
+    path = Path(folder) / CANDIDATES
+    columns = list(columns)
+    present = set(_parquet_schema(path).names)
+    absent = [c for c in columns if c in LEGACY_CANDIDATE_COLUMNS and c not in present]
+    corners = {"w": ("x1", "x2"), "h": ("y1", "y2")}
+    stored = [c for c in columns if c not in absent]
+    stored += sorted({edge for c in absent if c in corners for edge in corners[c]} - set(stored))
+    _check_schema(path, CANDIDATE_SCHEMA, stored)
+    for table in iter_batches(path, stored):
+        arrays = {name: table.column(name) for name in stored}
+        for name in stored:
+            if CANDIDATE_SCHEMA.field(name).type == _F64 and arrays[name].type != _F64:
+                arrays[name] = arrays[name].cast(_F64)  # a schema-1 float32 box, exactly
+        for name in absent:
+            if name in corners:
+                lo, hi = corners[name]
+                arrays[name] = pa.chunked_array([pc.subtract(arrays[hi], arrays[lo])])
+            else:
+                field = CANDIDATE_SCHEMA.field(name)
+                arrays[name] = pa.chunked_array([pa.array(np.full(table.num_rows, _CANDIDATE_DEFAULTS[name],
+                                                                  field.type.to_pandas_dtype()), field.type)])
+        yield pa.table({name: arrays[name] for name in columns})
+
 
 def read_images(folder) -> pd.DataFrame:
     """images.parquet as a DataFrame (IMAGE_SCHEMA)."""
@@ -656,7 +683,7 @@ class CandidateChecker:
             raise InputError(f"{self.path}: row {self.offset + row} (cand_id {ids[row]}): {problem}")
         _check_known(self.path, col["image_id"], self.known_images, "image_id", self.offset)
         self.ids.append(ids)
-        self.images.append(col["image_id"])
+        self.images.append(np.searchsorted(self.known_images, col["image_id"]).astype(np.int32))  # compact
         self.sup.append(col["suppressed_by"])
         self.offset += len(ids)
 

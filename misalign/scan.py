@@ -25,15 +25,15 @@ import pandas as pd
 import pyarrow as pa
 
 from misalign import counts, levels
-from misalign.ledger import (CANDIDATES, CHECKED_COLUMNS, CandidateChecker, Ledger, check_raw_counts, iter_batches,
-                             known_images, read_images, read_meta, read_raw_counts, stored_sizes)
+from misalign.ledger import (CANDIDATES, CHECKED_COLUMNS, CandidateChecker, Ledger, candidate_batches,
+                             check_raw_counts, known_images, read_images, read_meta, read_raw_counts, stored_sizes)
 
 HIST_BINS = 50  # Figure 1 density: bins per axis on [0, 1]
 HIST_COLUMNS = ("cls_score", "obj_score", "score")  # the score columns Figure 1 can draw against IoU
 # Rows tallied at once: a dump writes a row group per forward pass (a few images, ~10^4 rows), so
-# row groups are gathered up to this many rows; each batch costs ~40 numpy passes, and ~2 M rows
-# make that overhead negligible while holding well under 100 MB of columns.
-BATCH_ROWS = 1 << 21
+# row groups are gathered up to this many rows; each batch costs ~40 numpy passes, and ~1 M rows
+# make that overhead negligible while holding ~100 MB of columns.
+BATCH_ROWS = 1 << 20
 
 
 @dataclass
@@ -80,17 +80,17 @@ def _tally(batch: pd.DataFrame, positions: np.ndarray, num_images: int, pre_nms:
     return tallies
 
 
-def _batches(path: Path, columns):
-    """DataFrames of `columns`, row groups gathered to at least BATCH_ROWS rows (the last one may be fewer)."""
+def _batches(folder, columns):
+    """pyarrow Tables of `columns`, row groups gathered to at least BATCH_ROWS rows (the last one may be fewer)."""
     gathered, rows = [], 0
-    for table in iter_batches(path, columns):
+    for table in candidate_batches(folder, columns):
         gathered.append(table)
         rows += table.num_rows
         if rows >= BATCH_ROWS:
-            yield pa.concat_tables(gathered).to_pandas()
+            yield pa.concat_tables(gathered)
             gathered, rows = [], 0
     if gathered:
-        yield pa.concat_tables(gathered).to_pandas()
+        yield pa.concat_tables(gathered)
 
 
 def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, retain_iou: float,
@@ -111,7 +111,8 @@ def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, ret
     has_obj, score_is_cls, score_above_one = False, True, False
     read = list(columns) if checker is None else [*columns, *(c for c in (*CHECKED_COLUMNS, *checker.sizes)
                                                                if c not in columns)]
-    for batch in _batches(Path(folder) / CANDIDATES, read):
+    for table in _batches(folder, read):
+        batch = table.to_pandas()
         if checker is not None:
             checker.add(batch)
         positions = counts.image_positions(images, batch["image_id"].to_numpy(), "candidates.parquet")
@@ -123,10 +124,15 @@ def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, ret
         iou = batch["iou"].to_numpy()
         keep = ((iou >= np.asarray(retain_iou, iou.dtype)) | batch["kept"].to_numpy(bool)
                 | np.isin(batch["image_id"].to_numpy(), shown_ids))
-        retained.append(batch.loc[keep, list(columns)])
+        # kept as Arrow, made one DataFrame at the end: no second copy of every retained row at once
+        retained.append(table.select(list(columns)).filter(pa.array(keep)))
         num_rows += len(batch)
-    empty = pd.DataFrame({c: pd.Series(dtype=np.float32) for c in columns})
-    frame = pd.concat(retained, ignore_index=True) if retained else empty
+        del batch, table
+    if retained:
+        frame = pa.concat_tables(retained).to_pandas(self_destruct=True)
+    else:
+        frame = pd.DataFrame({c: pd.Series(dtype=np.float32) for c in columns})
+    del retained
     histograms = total.get("histograms") or {c: {s: np.zeros((HIST_BINS, HIST_BINS), np.int64)
                                                  for s in ("pre_nms", "post_nms")} for c in HIST_COLUMNS}
     quadrants = total.get("quadrants") or {c: counts.quadrant_tallies(frame.iloc[:0], c) for c in HIST_COLUMNS}

@@ -192,6 +192,14 @@ def test_float32_ledgers_of_schema_1_are_still_read(tmp_path, on_threshold):
     assert cands["x1"].dtype == np.float64 and not cands["crowd"].any() and cands["cl_nms_score"].isna().all()
     np.testing.assert_array_equal(cands["w"], cands["x2"] - cands["x1"])  # derived from the float32 corners
     np.testing.assert_array_equal(cands["x1"], legacy["x1"].astype(np.float32))
+    # the report streams the candidates (misalign.scan): the same derived columns, the same AP as read_candidates'
+    from misalign.compare import compare
+    from misalign.metrics import AP_COLUMNS, evaluate_ap
+
+    old = compare([dump], gt_path, bootstrap=0).metrics["detectors"][dump.name]
+    image_ids = read_ledger(dump, columns=["image_id"]).images["image_id"].to_numpy()
+    expected = evaluate_ap(load_ground_truth(gt_path), cands[cands["kept"]][AP_COLUMNS], image_ids)
+    assert old["ap"] == expected and old["crowd"] == {"post_nms": 0}  # an import: post-NMS only
 
 
 def _gt_file(tmp_path, anns):
