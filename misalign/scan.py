@@ -129,10 +129,12 @@ def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, ret
         num_rows += len(batch)
         del batch, table
     if retained:
-        frame = pa.concat_tables(retained).to_pandas(self_destruct=True)
+        table = pa.concat_tables(retained)
+        retained.clear()  # the table holds the only references: to_pandas frees each column as it goes
+        frame = table.to_pandas(self_destruct=True, split_blocks=True)
+        del table
     else:
         frame = pd.DataFrame({c: pd.Series(dtype=np.float32) for c in columns})
-    del retained
     histograms = total.get("histograms") or {c: {s: np.zeros((HIST_BINS, HIST_BINS), np.int64)
                                                  for s in ("pre_nms", "post_nms")} for c in HIST_COLUMNS}
     quadrants = total.get("quadrants") or {c: counts.quadrant_tallies(frame.iloc[:0], c) for c in HIST_COLUMNS}
