@@ -227,6 +227,9 @@ def test_page_has_every_section_and_decodable_figures(pair_report):
     html = (pair_report / "index.html").read_text()
     for section in SECTION_IDS:
         assert f'id="{section}"' in html, section
+    # sections sit side by side, none inside another: each opening is closed before the next one
+    tags = re.findall(r"<section\b|</section>", html)
+    assert tags == ["<section", "</section>"] * (len(tags) // 2) and tags
     engine = json.loads((pair_report / "metrics.json").read_text())["detectors"]["base"]["ap_engine"]
     assert f"COCOeval by {engine['name']} {engine['version']}" in html  # the page names the AP engine
     images = decoded_images(html)
