@@ -129,22 +129,27 @@ def test_split_starts_from_cocoevals_ap50(dumps):
 # --- COCO's matching of each kept box ------------------------------------------------------------
 
 
-def test_matches_equal_pycocotools_evalimgs_with_crowd(dumps):
+def pycocotools_eval_imgs(gt, detections, threshold) -> list:
+    """pycocotools' evalImgs of `detections` ([N, 7] rows) at one IoU threshold, area all, maxDets 100."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(gt))
+        ev = COCOeval(coco, coco.loadRes(detections), "bbox")
+        ev.params.iouThrs = np.array([threshold])
+        ev.params.areaRng, ev.params.areaRngLbl, ev.params.maxDets = [[0, 1e10]], ["all"], [100]
+        ev.evaluate()
+    return ev.evalImgs
+
+
+def test_matches_equal_pycocotools_evalimgs_with_crowd(dumps):
     folder, gt = dumps["crowd"]
     diagnosis = diagnosis_of(folder, gt)
     detections = kept_detections(folder)[1]
     for threshold, matched in diagnosis.matches.items():
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(gt))
-            ev = COCOeval(coco, coco.loadRes(detections), "bbox")
-            ev.params.iouThrs = np.array([threshold])
-            ev.params.areaRng, ev.params.areaRngLbl, ev.params.maxDets = [[0, 1e10]], ["all"], [100]
-            ev.evaluate()
         expected = np.full(len(detections), -1, np.int64)  # absent from every evalImg: ignored
-        for e in ev.evalImgs:
+        for e in pycocotools_eval_imgs(gt, detections, threshold):
             for dt, m, ignored in zip(e["dtIds"], e["dtMatches"][0], e["dtIgnore"][0]) if e else ():
                 expected[dt - 1] = -1 if ignored else int(m)
         np.testing.assert_array_equal(matched, expected)
@@ -349,8 +354,6 @@ def test_d_ece_and_la_ece_equal_the_reference_loop():
 def test_report_calibration_equals_the_reference_on_pycocotools_matches(dumps):
     """Wiring: the report's numbers = the reference loop on targets from pycocotools' evalImgs."""
     from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     from misalign.compare import compare
 
@@ -360,14 +363,8 @@ def test_report_calibration_equals_the_reference_on_pycocotools_matches(dumps):
     gt_box = {a["id"]: a["bbox"] for a in coco["annotations"]}
     targets = {}
     for threshold in (0.1, 0.5):
-        with contextlib.redirect_stdout(io.StringIO()):
-            pc = COCO(str(gt))
-            ev = COCOeval(pc, pc.loadRes(detections), "bbox")
-            ev.params.iouThrs = np.array([threshold])
-            ev.params.areaRng, ev.params.areaRngLbl, ev.params.maxDets = [[0, 1e10]], ["all"], [100]
-            ev.evaluate()
         rows, values = [], []
-        for e in ev.evalImgs:
+        for e in pycocotools_eval_imgs(gt, detections, threshold):
             for dt, m, ignored in zip(e["dtIds"], e["dtMatches"][0], e["dtIgnore"][0]) if e else ():
                 if ignored:
                     continue
