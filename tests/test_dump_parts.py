@@ -204,3 +204,13 @@ def test_an_error_in_the_background_writer_is_one_line_and_nothing_is_renamed(ch
                                                       "No space left on device")
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["dump", "--ckpt", "CKPT"], ["capture", "torchvision", "--model", "retinanet_resnet50_fpn"]])
+def test_part_images_below_one_is_one_line_and_writes_nothing(tmp_path, command, checkpoint, shapes_dataset):
+    args = [str(checkpoint) if a == "CKPT" else a for a in command]
+    result = CliRunner().invoke(main, [*args, "--data", str(shapes_dataset), "--out", str(tmp_path / "out"),
+                                       "--part-images", "0"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: --part-images: 0 must be at least 1"]
+    assert not any(tmp_path.iterdir())
