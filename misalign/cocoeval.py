@@ -199,17 +199,18 @@ def diagnose_detections(hot_gt, detections: np.ndarray, image_ids, match_thresho
     hotcoco = import_module("hotcoco")
     detections = np.ascontiguousarray(np.asarray(detections, dtype=np.float64).reshape(-1, 7))
     thresholds = sorted(float(t) for t in match_thresholds)
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = hotcoco.COCOeval(hot_gt, hot_gt.loadRes(detections), "bbox")
-        evaluator.params.imgIds = sorted(int(i) for i in image_ids)
-        evaluator.params.iouThrs = thresholds
-        evaluator.params.areaRng = [[0.0, 1e10]]
-        evaluator.params.areaRngLbl = ["all"]
-        evaluator.params.maxDets = [100]
-        evaluator.evaluate()
-        split = evaluator.tide_errors(pos_thr=TIDE_POS_THRESH, bg_thr=TIDE_BG_THRESH)
-        matches = {t: _matched_gt(evaluator.image_diagnostics(iou_thr=t, score_thr=0.0), len(detections))
-                   for t in thresholds}
+    # No stdout redirect (hotcoco prints nothing here): this runs in a side thread of the report, and
+    # redirect_stdout swaps sys.stdout for every thread.
+    evaluator = hotcoco.COCOeval(hot_gt, hot_gt.loadRes(detections), "bbox")
+    evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+    evaluator.params.iouThrs = thresholds
+    evaluator.params.areaRng = [[0.0, 1e10]]
+    evaluator.params.areaRngLbl = ["all"]
+    evaluator.params.maxDets = [100]
+    evaluator.evaluate()
+    split = evaluator.tide_errors(pos_thr=TIDE_POS_THRESH, bg_thr=TIDE_BG_THRESH)
+    matches = {t: _matched_gt(evaluator.image_diagnostics(iou_thr=t, score_thr=0.0), len(detections))
+               for t in thresholds}
     return Diagnosis(tide={k: float(split["delta_ap"][k]) for k in TIDE_KEYS},
                      counts={k: int(split["counts"][k]) for k in TIDE_KEYS}, ap50=float(split["ap_base"]),
                      matches=matches)

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -294,7 +295,9 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     """Validate and analyse every dump (one at a time, streamed: misalign.scan); returns their results
     and the gt path."""
     from misalign.ledger import read_images, read_ledger, read_meta, validate_ledger
-    from misalign.cocoeval import hotcoco_ground_truth
+    from misalign.calibration import MATCH_THRESHOLDS
+    from misalign.cocoeval import diagnose_detections, ground_truth_boxes, hotcoco_ground_truth
+    from misalign.ledger import kept_rows
     from misalign.metrics import (ANALYSIS_COLUMNS, BOX_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze,
                                   check_ground_truth, load_ground_truth)
     from misalign.scan import read_scanned
@@ -311,35 +314,44 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     gt_path = ground_truth_path(settings.gt, folders, metas)
     coco_gt = load_ground_truth(gt_path)
     hot_gt = hotcoco_ground_truth(coco_gt, gt_path)  # TIDE's split and COCO's matching of each kept box
+    gt_boxes = ground_truth_boxes(hot_gt)
     shown_ids = images_to_show(image_tables[0], settings.num_images)
     results, gallery_gts = [], None  # the gallery's ground truths: the first pre-NMS dump's worst losses
     columns = [*STREAMED_ANALYSIS_COLUMNS, *(c for c in suppression.SUPPRESSION_COLUMNS
                                               if c not in STREAMED_ANALYSIS_COLUMNS)]
     columns += [c for c in LEVEL_COLUMNS if c not in columns]
     columns += [c for c in BOX_COLUMNS if c not in columns]  # AP, the gallery and the NMS error read retained boxes
-    for folder, name, meta, images in zip(folders, names, metas, image_tables):
-        # every analysis of the retained rows pools iou >= RETAIN_IOU (or the correlation's own floor) or kept rows
-        ledger, scan = read_scanned(folder, columns, retain_iou=min(settings.min_iou, RETAIN_IOU),
-                                    shown_ids=shown_ids, meta=meta, images=images, validate=True)
-        check_ground_truth(ledger, coco_gt, str(gt_path))
-        log.info("analysing %s (%d candidates, %d retained)", name, scan.num_rows, len(scan.retained))
-        analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
-                           seed=settings.seed, candidate_counts=scan.counts, score_columns=scan.score_columns)
-        analysis.metrics["per_level"] = level_entries(scan.levels, ledger.candidates, score_formula(meta),
-                                                      settings.min_iou)
-        losses = suppression.ledger_table(ledger)  # per ground truth: the suppression losses (None: post-NMS only)
-        analysis.metrics["suppression"], gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts, losses)
-        gallery_gts = gallery["gt_id"] if gallery_gts is None and gallery is not None else gallery_gts
-        results.append(_detector_result(ledger, scan, analysis, name, shown_ids))
-        results[-1].gallery = gallery
-        results[-1].training = training_curves(ledger.meta)
-        results[-1].errors, results[-1].calibration = _errors_and_calibration(ledger, analysis, coco_gt, hot_gt,
-                                                                              losses)
-        del ledger, scan
-        if settings.rescore:  # rescoring re-runs NMS on every box: the whole pool, with boxes
-            full = read_ledger(folder, columns=ANALYSIS_COLUMNS)
-            results[-1].rescoring, results[-1].rescore_note = _rescore(full, analysis, coco_gt, settings)
-            del full
+    # Work that runs without the GIL (hotcoco, numpy's sorts) goes to side threads while the main
+    # thread analyses: on two cores the report then takes the longer of the two, not their sum.
+    with ThreadPoolExecutor(2, thread_name_prefix="misalign-side") as side:
+        for folder, name, meta, images in zip(folders, names, metas, image_tables):
+            # every analysis of the retained rows pools iou >= RETAIN_IOU (or the correlation's own floor) or kept rows
+            ledger, scan = read_scanned(folder, columns, retain_iou=min(settings.min_iou, RETAIN_IOU),
+                                        shown_ids=shown_ids, meta=meta, images=images, validate=True)
+            check_ground_truth(ledger, coco_gt, str(gt_path))
+            log.info("analysing %s (%d candidates, %d retained)", name, scan.num_rows, len(scan.retained))
+            kept = kept_rows(ledger, KEPT_COLUMNS)  # the detector's output, file order
+            image_ids = np.sort(images["image_id"].to_numpy(np.int64))
+            diagnosis = side.submit(diagnose_detections, hot_gt, _detections(kept), image_ids, MATCH_THRESHOLDS)
+            per_level = side.submit(level_entries, scan.levels, ledger.candidates, score_formula(meta), settings.min_iou)
+            losses = side.submit(suppression.ledger_table, ledger)  # per gt: the suppression losses (None: post-NMS only)
+            analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
+                               seed=settings.seed, candidate_counts=scan.counts, score_columns=scan.score_columns,
+                               workers=side)
+            analysis.metrics["per_level"] = per_level.result()
+            losses = losses.result()
+            analysis.metrics["suppression"], gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts, losses)
+            gallery_gts = gallery["gt_id"] if gallery_gts is None and gallery is not None else gallery_gts
+            results.append(_detector_result(ledger, scan, analysis, name, shown_ids))
+            results[-1].gallery = gallery
+            results[-1].training = training_curves(ledger.meta)
+            results[-1].errors, results[-1].calibration = _errors_and_calibration(
+                ledger, analysis, coco_gt, kept, diagnosis.result(), gt_boxes, losses)
+            del ledger, scan, kept
+            if settings.rescore:  # rescoring re-runs NMS on every box: the whole pool, with boxes
+                full = read_ledger(folder, columns=ANALYSIS_COLUMNS)
+                results[-1].rescoring, results[-1].rescore_note = _rescore(full, analysis, coco_gt, settings)
+                del full
     return results, gt_path
 
 
@@ -359,23 +371,27 @@ def _rescore(ledger, analysis, coco_gt, settings: CompareSettings):
 KEPT_COLUMNS = ["image_id", "x1", "y1", "w", "h", "score", "category_id", "cls_score", "obj_score"]
 
 
-def _errors_and_calibration(ledger, analysis, coco_gt, hot_gt, loss_table):
+def _detections(kept: pd.DataFrame) -> np.ndarray:
+    """[K, 7] the kept rows in misalign.cocoeval.evaluate_detections' layout."""
+    return kept[KEPT_COLUMNS[:7]].to_numpy(np.float64)
+
+
+def _errors_and_calibration(ledger, analysis, coco_gt, kept, diagnosis, gt_boxes, loss_table):
     """(misalign.tide.ErrorSplit, misalign.calibration.Calibration) of one dump; adds metrics.json's
     `errors`, `calibration` and `obj_vs_iou` to the analysis (docs/methods.md, Errors and Calibration).
 
-    One hotcoco evaluation of the kept boxes gives TIDE's split and COCO's matching (calibration's
-    targets); the NMS counterfactual takes one more AP evaluation, when it changes any box.
-    loss_table: misalign.suppression.ledger_table of the ledger (None: post-NMS only).
+    kept: its KEPT_COLUMNS rows; diagnosis: misalign.cocoeval.diagnose_detections of them (one
+    hotcoco evaluation: TIDE's split and COCO's matching, calibration's targets); gt_boxes:
+    misalign.cocoeval.ground_truth_boxes. The NMS counterfactual takes one more AP evaluation, when
+    it changes any box. loss_table: misalign.suppression.ledger_table of the ledger (None: post-NMS only).
     """
     from misalign import calibration as C
     from misalign import tide
-    from misalign.cocoeval import diagnose_detections, evaluate_detections, ground_truth_boxes
-    from misalign.ledger import kept_rows, rows_by_cand_id
+    from misalign.cocoeval import evaluate_detections
+    from misalign.ledger import rows_by_cand_id
 
     cands, image_ids = ledger.candidates, analysis.image_ids
-    kept = kept_rows(ledger, KEPT_COLUMNS)  # the detector's output, file order
-    detections = kept[KEPT_COLUMNS[:7]].to_numpy(np.float64)  # evaluate_detections' layout
-    diagnosis = diagnose_detections(hot_gt, detections, image_ids, C.MATCH_THRESHOLDS)
+    detections = _detections(kept)
     ap, nms_ap, losses, replacements, note = analysis.metrics["ap"], None, None, None, None
     if loss_table is not None:
         lost = tide.suppression_losses(loss_table, cands["cand_id"].to_numpy(np.int64))
@@ -391,7 +407,7 @@ def _errors_and_calibration(ledger, analysis, coco_gt, hot_gt, loss_table):
     else:
         note = "post-NMS only: no suppressed candidates to give back"
     errors = tide.error_split(diagnosis, ap, nms_ap, losses, replacements, note)
-    calibration = C.calibration(kept, diagnosis.matches, ground_truth_boxes(hot_gt))
+    calibration = C.calibration(kept, diagnosis.matches, gt_boxes)
     if "obj_score" in cands.columns and np.isfinite(cands["obj_score"].to_numpy()).any():
         calibration.obj_vs_iou, calibration.obj_bins = C.obj_vs_iou(cands["obj_score"].to_numpy(),
                                                                     cands["iou"].to_numpy())

@@ -15,8 +15,10 @@ weighted Pearson correlation of weighted midranks (a value's rank among the dupl
 
 Public API:
 - correlation_pool(candidates, column, min_iou=0.5) -> (x, y, image_id, gt_id) arrays
-- rank_correlations(x, y, spearman=True) -> {"spearman", "kendall", "pearson"}
-- group_midranks(codes, values) -> [n] midranks within groups
+- Ranking(values) / ranking(values): one array sorted once (midranks, ties, dense ranks), shared by
+  the rank statistics below, which take an array or its Ranking
+- kendall_tau(x, y) -> float (scipy's tau-b); pearson(x, y) -> float (scipy's r)
+- group_midranks(codes, values=None, dense=None) -> [n] midranks within groups
 - per_gt_spearman(x, y, gt_id, image_id=None, min_count=3) -> DataFrame (gt_id, image_id, n, spearman)
 - per_gt_spearman_columns(xs, y, gt_id, image_id=None, min_count=3) -> [DataFrame] (y ranked once)
 - weighted_spearman(x, y, weights) -> float (Spearman of the data with row i repeated weights[i] times)
@@ -58,34 +60,36 @@ def correlation_pool(candidates: pd.DataFrame, column: str, min_iou: float = 0.5
             candidates["image_id"].to_numpy(np.int64)[rows], candidates["gt_id"].to_numpy(np.int64)[rows])
 
 
-def rank_correlations(x: np.ndarray, y: np.ndarray, spearman: bool = True) -> dict[str, float]:
-    """Spearman rho (unless spearman=False), Kendall tau-b and Pearson r of x and y (scipy.stats).
-
-    NaN when undefined (fewer than 2 rows, or constant input).
-    """
-    keys = (["spearman"] if spearman else []) + ["kendall", "pearson"]
+def kendall_tau(x, y) -> float:
+    """Kendall's tau-b of x and y (arrays or Rankings): scipy.stats.kendalltau on their dense ranks,
+    which have the same order and ties (so the same statistic) and spare scipy its float sorts.
+    NaN when undefined."""
     if len(x) < 2:
-        return {key: np.nan for key in keys}
+        return np.nan
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")  # constant input: scipy warns and returns NaN
-        result = {"spearman": float(stats.spearmanr(x, y).statistic)} if spearman else {}
-        result["kendall"] = float(stats.kendalltau(x, y).statistic)
-        result["pearson"] = float(stats.pearsonr(x, y).statistic)
-    return result
+        return float(stats.kendalltau(ranking(x).dense, ranking(y).dense).statistic)
 
 
-def group_midranks(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r of x and y (scipy.stats.pearsonr); NaN when undefined."""
+    if len(x) < 2:
+        return np.nan
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")  # constant input: scipy warns and returns NaN
+        return float(stats.pearsonr(x, y).statistic)
+
+
+def group_midranks(codes: np.ndarray, values=None, *, dense=None) -> np.ndarray:
     """[n] float64: the midrank (from 1, ties averaged) of each value among the rows of its group.
 
-    codes [n] non-negative integer group codes. Two integer sorts instead of a lexsort (faster).
+    codes [n] non-negative integer group codes; values [n], or instead `dense`, their dense ranks
+    (`Ranking.dense`, or a subset of it: the same order and ties, with the value sort already done).
     """
-    n = len(values)
+    dense = Ranking(values).dense if dense is None else np.asarray(dense, np.int64)
+    n = len(dense)
     if n == 0:
         return np.zeros(0)
-    by_value = np.argsort(values, kind="stable")
-    ordered = values[by_value]
-    dense = np.empty(n, np.int64)  # dense rank of each value
-    dense[by_value] = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1
     key = np.asarray(codes, dtype=np.int64) * (int(dense.max()) + 1) + dense  # group-major, then value
     order = np.argsort(key, kind="stable")
     k, c = key[order], np.asarray(codes)[order]
@@ -111,9 +115,9 @@ def per_gt_spearman(x, y, gt_id, image_id=None, min_count: int = 3) -> pd.DataFr
 
 
 def per_gt_spearman_columns(xs, y, gt_id, image_id=None, min_count: int = 3) -> list[pd.DataFrame]:
-    """`per_gt_spearman` of each score array of `xs` [n] against the same y [n] (y ranked once)."""
+    """`per_gt_spearman` of each score array of `xs` [n] against the same y [n] (each array or its
+    Ranking; y ranked once)."""
     gt_id = np.asarray(gt_id, dtype=np.int64)
-    y = np.asarray(y, dtype=np.float64)
     image_id = np.full(len(gt_id), -1, np.int64) if image_id is None else np.asarray(image_id, np.int64)
     matched = np.flatnonzero(gt_id >= 0)
     _, codes, sizes = np.unique(gt_id[matched], return_inverse=True, return_counts=True)
@@ -122,11 +126,11 @@ def per_gt_spearman_columns(xs, y, gt_id, image_id=None, min_count: int = 3) -> 
     codes = codes.reshape(-1)
     n = np.bincount(codes, minlength=len(ids)).astype(np.float64)
     centre = (n[codes] + 1) / 2  # the mean midrank of a group of n rows
-    ry = group_midranks(codes, y[rows]) - centre
+    ry = group_midranks(codes, dense=ranking(y).dense[rows]) - centre
     syy = np.bincount(codes, ry * ry, minlength=len(ids))
     tables = []
     for x in xs:
-        rx = group_midranks(codes, np.asarray(x, dtype=np.float64)[rows]) - centre
+        rx = group_midranks(codes, dense=ranking(x).dense[rows]) - centre
         sxy = np.bincount(codes, rx * ry, minlength=len(ids))
         sxx = np.bincount(codes, rx * rx, minlength=len(ids))
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -269,40 +273,71 @@ class RankedPool:
         return np.array([self.spearman(c) for c in count_matrix], dtype=np.float64).reshape(len(count_matrix), -1)
 
 
-def _ranks_and_ties(values: np.ndarray):
-    """Midranks [n] (from 1, ties averaged), the tie-group size of each row [n], and the order [n]
-    with each sorted row's tie group [n] (groups numbered in ascending value)."""
-    n = len(values)
-    order = np.argsort(values)  # any order within ties will do: they share a group
-    ordered = values[order]
-    new = np.empty(n, bool)
-    new[:1] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
-    group = np.cumsum(new) - 1  # [n] tie group of each sorted row
-    starts = np.flatnonzero(new)
-    sizes = np.diff(np.r_[starts, n]).astype(np.float64)  # [G]
-    ranks = np.empty(n)
-    ranks[order] = (starts + (sizes + 1) / 2)[group]
-    tie = np.empty(n)
-    tie[order] = sizes[group]
-    return ranks, tie, order, group
+class Ranking:
+    """One array sorted once, for every rank statistic of the pool that reads it (Spearman, its
+    influence, the per-group midranks, Kendall): build it once per column and pass it instead of
+    the array.
+
+    order [n]: the rows by ascending value (any order within ties: they share a group); group [n]:
+    the tie group of each sorted row (groups numbered in ascending value); sizes [G] the groups' sizes.
+    """
+
+    def __init__(self, values):
+        values = np.asarray(values, dtype=np.float64)
+        n = len(values)
+        self.order = np.argsort(values)
+        ordered = values[self.order]
+        new = np.empty(n, bool)
+        new[:1] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+        self.group = np.cumsum(new) - 1
+        self.starts = np.flatnonzero(new)
+        self.sizes = np.diff(np.r_[self.starts, n]).astype(np.float64)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def _per_row(self, per_group: np.ndarray) -> np.ndarray:
+        out = np.empty(len(self.order), per_group.dtype)
+        out[self.order] = per_group[self.group]
+        return out
+
+    @property
+    def midranks(self) -> np.ndarray:
+        """[n] float64 rank of each row from 1, ties averaged (scipy.stats.rankdata)."""
+        return self._per_row(self.starts + (self.sizes + 1) / 2)
+
+    @property
+    def ties(self) -> np.ndarray:
+        """[n] float64 size of each row's tie group."""
+        return self._per_row(self.sizes)
+
+    @property
+    def dense(self) -> np.ndarray:
+        """[n] int64 dense rank of each row (0 for the smallest value): the same order and ties as the values."""
+        out = np.empty(len(self.order), np.int64)
+        out[self.order] = self.group
+        return out
 
 
-def _above_plus_half_tied(order: np.ndarray, group: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """[n]: for each row l, the sum of `values` over rows ranked above l in the ordering
-    (order, group) of `_ranks_and_ties`, plus half the sum over the rows tied with l (l included)."""
-    sums = np.bincount(group, values[order])  # [G] per tie group
+def ranking(values) -> Ranking:
+    """`values` as a Ranking (itself when it is one already)."""
+    return values if isinstance(values, Ranking) else Ranking(values)
+
+
+def _above_plus_half_tied(ranked: Ranking, values: np.ndarray) -> np.ndarray:
+    """[n]: for each row l, the sum of `values` over rows ranked above l in `ranked`, plus half the
+    sum over the rows tied with l (l included)."""
+    sums = np.bincount(ranked.group, values[ranked.order])  # [G] per tie group
     above = sums.sum() - np.cumsum(sums)  # [G] over the groups above
-    result = np.empty(len(order))
-    result[order] = (above + sums / 2)[group]
-    return result
+    return ranked._per_row(above + sums / 2)
 
 
 def spearman_influence(xs, y, image_pos, num_images: int):
     """Spearman rho of each score array with y, and its derivative with respect to each image's weight.
 
-    xs: one or more score arrays [n] sharing the rows of y [n]; image_pos [n] the image (0..num_images-1)
-    of each row. Spearman under integer image weights c (rows of image i repeated c[i] times) is a
+    xs: one or more score arrays [n] sharing the rows of y [n] (each array or its Ranking); image_pos
+    [n] the image (0..num_images-1) of each row. Spearman under integer image weights c (rows of image i repeated c[i] times) is a
     rational function of c (weighted midranks, see RankedPool); it extends to real weights as
     `weighted_spearman` computes it. Returns (rho [K] at c = 1, which equals scipy's spearmanr, and
     grad [num_images, K] = d rho / d c[i] at c = 1; NaN where rho is undefined).
@@ -314,7 +349,7 @@ def spearman_influence(xs, y, image_pos, num_images: int):
     (the d m / d w terms vanish because centred ranks sum to 0), and d rho = d S_xy / sqrt(S_xx S_yy)
     - rho / 2 (d S_xx / S_xx + d S_yy / S_yy). O(n log n) once, for any number of resamples.
     """
-    xs = [np.asarray(x, dtype=np.float64) for x in (xs if isinstance(xs, (list, tuple)) else [xs])]
+    xs = xs if isinstance(xs, (list, tuple)) else [xs]
     image_pos = np.asarray(image_pos, dtype=np.intp)
     n = len(image_pos)
     rho = np.full(len(xs), np.nan)
@@ -322,19 +357,20 @@ def spearman_influence(xs, y, image_pos, num_images: int):
     if n < 2:
         return rho, grad
     centre = (n + 1) / 2
-    ry, ty, y_order, y_group = _ranks_and_ties(np.asarray(y, dtype=np.float64))
-    ry -= centre
+    y = ranking(y)
+    ry = y.midranks - centre
     syy = float(np.dot(ry, ry))
+    ty = y.ties
     dsyy = (n * n - ty * ty) / 4  # [n]
     for k, x in enumerate(xs):
-        rx, tx, x_order, x_group = _ranks_and_ties(x)
-        rx -= centre
+        x = ranking(x)
+        rx, tx = x.midranks - centre, x.ties
         sxx = float(np.dot(rx, rx))
         if sxx <= 0 or syy <= 0:
             continue
         sxy = float(np.dot(rx, ry))
         rho[k] = r = float(np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0))
-        dsxy = rx * ry + _above_plus_half_tied(x_order, x_group, ry) + _above_plus_half_tied(y_order, y_group, rx)
+        dsxy = rx * ry + _above_plus_half_tied(x, ry) + _above_plus_half_tied(y, rx)
         dsxx = (n * n - tx * tx) / 4
         drho = dsxy / np.sqrt(sxx * syy) - r / 2 * (dsxx / sxx + dsyy / syy)  # [n] per row weight
         grad[:, k] = np.bincount(image_pos, drho, minlength=num_images)

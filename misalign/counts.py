@@ -17,6 +17,7 @@ Public API (all return DataFrames or dicts; nothing is drawn here):
 - table1(per_image, num_images=10) -> DataFrame rows (stage, condition), columns image ids + 'all'
 - per_image_proportions(per_image, image_ids=None) -> long DataFrame for Figure 2
 - score_iou_histogram(candidates, column, kept_only=False, bins=50) -> (counts [bins, bins], edges)
+- score_iou_histograms(candidates, columns, bins=50) -> {column: {stage: counts}} (adds up over batches)
 - quadrant_tallies(candidates, column) -> {stage: {quadrant: n}} (adds up); quadrant_frame(tallies) -> DataFrame
 - quadrant_counts(candidates, column="cls_score", iou_thresh=0.5, score_thresh=0.5) -> DataFrame
 """
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from misalign.errors import InputError
+from misalign.ledger import searchsorted_runs
 from misalign.truth import CLS_THRESHOLDS, IOU_THRESHOLDS, POSITIVE_IOU
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def image_positions(images: pd.DataFrame, image_ids: np.ndarray, what: str) -> n
     known = images["image_id"].to_numpy(np.int64)
     order = np.argsort(known, kind="stable")
     image_ids = np.asarray(image_ids, dtype=np.int64)
-    pos = np.clip(np.searchsorted(known, image_ids, sorter=order), 0, max(len(known) - 1, 0))
+    pos = np.clip(searchsorted_runs(known, image_ids, sorter=order), 0, max(len(known) - 1, 0))
     found = order[pos] if len(known) else np.zeros(len(image_ids), np.int64)
     bad = (known[found] != image_ids) if len(known) else np.ones(len(image_ids), bool)
     if np.any(bad):
@@ -243,27 +245,46 @@ def score_iou_histogram(candidates: pd.DataFrame, column: str, kept_only: bool =
     scores are left out; scores above 1 (CL-NMS adds a closeness term to the probability) count in
     the top bin, so every box is counted.
     """
-    x = candidates[column].to_numpy()
-    y = candidates["iou"].to_numpy()
-    if kept_only:
-        kept = candidates["kept"].to_numpy()
-        x, y = x[kept], y[kept]
+    stage = "post_nms" if kept_only else "pre_nms"
+    return score_iou_histograms(candidates, [column], bins)[column][stage], np.linspace(0.0, 1.0, bins + 1)
+
+
+def score_iou_histograms(candidates: pd.DataFrame, columns, bins: int = 50) -> dict:
+    """{column: {"pre_nms": every row's, "post_nms": the kept rows'}} `score_iou_histogram` counts.
+
+    The IoU bins and the kept mask are computed once for all columns, each column's bins once for
+    both stages (a streamed report histograms every row of the ledger).
+    """
+    iy = uniform_bin_index(candidates["iou"].to_numpy(), bins)
+    kept = candidates["kept"].to_numpy(bool)
+    result = {}
+    for column in columns:
+        x = candidates[column].to_numpy()
+        cell = uniform_bin_index(np.minimum(x, np.asarray(1.0, x.dtype)), bins) * bins + iy
+        cell[(cell < 0) | (iy < 0)] = -1
+        pre = np.bincount(cell + 1, minlength=bins * bins + 1)[1:]  # cell -1 (outside) lands in slot 0
+        post = np.bincount(cell[kept] + 1, minlength=bins * bins + 1)[1:]
+        result[column] = {"pre_nms": pre.reshape(bins, bins).astype(np.int64),
+                          "post_nms": post.reshape(bins, bins).astype(np.int64)}
+    return result
+
+
+def uniform_bin_index(values: np.ndarray, bins: int) -> np.ndarray:
+    """[N] intp bin of each value among the edges np.linspace(0, 1, bins + 1), as np.histogram2d
+    bins it (the last bin closed); -1 outside [0, 1] or NaN.
+
+    The bin is floor(value * bins), corrected by one where rounding put it across an edge: the same
+    answer as a search of the edges, at a fraction of its cost.
+    """
     edges = np.linspace(0.0, 1.0, bins + 1)
-    # np.histogram2d's bins (right edge of the last one included) by searchsorted and one bincount:
-    # no float64 copies of millions of rows, no per-dimension sort
-    ix = _bin_index(np.minimum(x, np.asarray(1.0, x.dtype)), edges)
-    iy = _bin_index(y, edges)
-    ok = (ix >= 0) & (iy >= 0)
-    counts = np.bincount(ix[ok] * bins + iy[ok], minlength=bins * bins).reshape(bins, bins)
-    return counts.astype(np.int64), edges
-
-
-def _bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """[N] intp bin of each value among `edges` as np.histogram2d bins it; -1 outside them or NaN."""
-    index = np.searchsorted(edges, values.astype(np.float64, copy=False), side="right") - 1
-    index[values == edges[-1]] = len(edges) - 2  # the last bin is closed
-    index[(index >= len(edges) - 1) | ~np.isfinite(values)] = -1
-    return index
+    v = values.astype(np.float64, copy=False)
+    inside = (v >= 0.0) & (v <= 1.0)  # False for NaN
+    k = np.multiply(v, bins, where=inside, out=np.zeros(len(v))).astype(np.intp)
+    np.minimum(k, bins - 1, out=k)
+    k -= v < edges[k]
+    k += (v >= edges[k + 1]) & (k < bins - 1)
+    k[~inside] = -1
+    return k
 
 
 def quadrant_tallies(candidates: pd.DataFrame, column: str = "cls_score", iou_thresh: float = 0.5,

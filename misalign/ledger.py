@@ -651,12 +651,25 @@ def _check_unique(path: Path, values: np.ndarray, column: str) -> None:
         raise InputError(f"{path}: row {row}: duplicate {column} {values[row]}")
 
 
-def _check_known(path: Path, values: np.ndarray, known_sorted: np.ndarray, column: str, offset: int = 0) -> None:
-    pos = np.clip(np.searchsorted(known_sorted, values), 0, max(len(known_sorted) - 1, 0))
+def searchsorted_runs(sorted_values: np.ndarray, values: np.ndarray, sorter=None) -> np.ndarray:
+    """np.searchsorted(sorted_values, values, sorter=sorter), searched once per run of equal values:
+    ledger rows come grouped by image, so an image_id lookup costs one comparison per row."""
+    values = np.asarray(values)
+    if not len(values):
+        return np.zeros(0, np.intp)
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    found = np.searchsorted(sorted_values, values[starts], sorter=sorter)
+    return np.repeat(found, np.diff(np.r_[starts, len(values)]))
+
+
+def _check_known(path: Path, values: np.ndarray, known_sorted: np.ndarray, column: str, offset: int = 0) -> np.ndarray:
+    """[N] position of each value in known_sorted; InputError naming the first row of an unknown one."""
+    pos = np.clip(searchsorted_runs(known_sorted, values), 0, max(len(known_sorted) - 1, 0))
     bad = (known_sorted[pos] != values) if len(known_sorted) else np.ones(len(values), bool)
     if np.any(bad):
         row = int(np.argmax(bad))
         raise InputError(f"{path}: row {offset + row}: {column} {values[row]} is not in images.parquet")
+    return pos
 
 
 CHECKED_COLUMNS = ("cand_id", "image_id", "x1", "y1", "x2", "y2", "cls_score", "score", "kept", "suppressed_by",
@@ -681,9 +694,9 @@ class CandidateChecker:
         if bad_at is not None:  # name the row in the whole file, not the batch
             row, problem = bad_at
             raise InputError(f"{self.path}: row {self.offset + row} (cand_id {ids[row]}): {problem}")
-        _check_known(self.path, col["image_id"], self.known_images, "image_id", self.offset)
+        images = _check_known(self.path, col["image_id"], self.known_images, "image_id", self.offset)
         self.ids.append(ids)
-        self.images.append(np.searchsorted(self.known_images, col["image_id"]).astype(np.int32))  # compact
+        self.images.append(images.astype(np.int32))  # compact
         self.sup.append(col["suppressed_by"])
         self.offset += len(ids)
 
@@ -737,10 +750,14 @@ def check_raw_counts(folder, known: np.ndarray) -> None:
     folder = Path(folder)
     raw_counts = read_raw_counts(folder)
     _check_known(folder / RAW_COUNTS, raw_counts["image_id"].to_numpy(), known, "image_id")
-    for row, (stage, quantity) in enumerate(zip(raw_counts["stage"], raw_counts["quantity"])):
-        if quantity not in STAGES.get(stage, ()):
-            raise InputError(f"{folder / RAW_COUNTS}: row {row}: stage {stage!r} / quantity {quantity!r} "
-                             f"is not one of {STAGES}")
+    pairs = raw_counts[["stage", "quantity"]]
+    allowed = pd.MultiIndex.from_tuples([(stage, q) for stage, quantities in STAGES.items() for q in quantities])
+    unknown = ~pd.MultiIndex.from_frame(pairs).isin(allowed)
+    if unknown.any():
+        row = int(np.argmax(unknown))
+        stage, quantity = pairs.iloc[row]
+        raise InputError(f"{folder / RAW_COUNTS}: row {row}: stage {stage!r} / quantity {quantity!r} "
+                         f"is not one of {STAGES}")
     _first_bad(folder / RAW_COUNTS, raw_counts["count"].to_numpy() < 0, "count is negative")
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,8 @@ import pandas as pd
 from misalign import counts as _counts
 from misalign.cocoeval import STAT_KEYS, engine_info, evaluate_detections, load_ground_truth
 from misalign.correlation import (RankedPool, bootstrap_counts, correlation_pool, linear_replicates,
-                                  per_gt_spearman_columns, percentile_ci, pool_mask, rank_correlations,
-                                  spearman_influence)
+                                  kendall_tau, pearson, per_gt_spearman_columns, percentile_ci, pool_mask,
+                                  Ranking, spearman_influence)
 from misalign.errors import InputError
 from misalign.ledger import Ledger, kept_rows, read_ledger
 from misalign.settings import DEFAULT_BOOTSTRAP
@@ -172,14 +173,16 @@ def bootstrap_method_for(pool_rows: int, num_resamples: int, method: str = "auto
     return "exact" if pool_rows * num_resamples <= EXACT_BOOTSTRAP_BUDGET else "linear"
 
 
-def _spearman_bootstrap(pools, image_ids, counts_matrix, method="auto"):
+def _spearman_bootstrap(pools, image_ids, counts_matrix, method="auto", rankings=None):
     """Spearman rho of each pool's score array (pools share rows) on the full pool [K], on every
-    resample [B, K], and the replicates' method ('exact' or 'linear')."""
+    resample [B, K], and the replicates' method ('exact' or 'linear'). rankings: (the score arrays'
+    Rankings, iou's), when the caller has them."""
     _, y, img, _ = pools[0]
     method = bootstrap_method_for(len(y), len(counts_matrix), method)
     image_pos = np.searchsorted(image_ids, img)
     if method == "linear":
-        point, grad = spearman_influence([p[0] for p in pools], y, image_pos, len(image_ids))  # point: scipy's
+        xs, y = rankings or ([p[0] for p in pools], y)
+        point, grad = spearman_influence(xs, y, image_pos, len(image_ids))  # point: scipy's
         return point, linear_replicates(point, grad, counts_matrix), method
     ranked = RankedPool([p[0] for p in pools], y, image_pos, len(image_ids))
     point = ranked.spearman(np.ones(len(image_ids)))  # equals scipy's spearmanr on the pool
@@ -196,17 +199,29 @@ def _divergence_replicates(per_gt: pd.DataFrame, image_ids, counts_matrix) -> np
         return (1 - (counts_matrix @ rho_sum) / (counts_matrix @ rho_num)) / 2
 
 
-def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_count, method="auto"):
+def _run(workers, function, *args) -> Future:
+    """function(*args) in the executor `workers`, or now (as a finished Future) when there is none."""
+    if workers is not None:
+        return workers.submit(function, *args)
+    done = Future()
+    done.set_result(function(*args))
+    return done
+
+
+def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_count, method="auto", workers=None):
     """(metrics 'correlation' dict, per-gt tables, replicates, {column: bootstrap method}) for each score column.
 
     Columns with the same pool rows share it: one selection, one ranking of iou, one bootstrap.
+    workers: the executor Kendall's tau runs in (see `analyze`).
     """
     result, per_gt, replicates, methods = {}, {}, {}, {}
     for group in _shared_pools(candidates, columns, min_iou):
         pools = [correlation_pool(candidates, column, min_iou) for column in group]
-        point, reps, used = _spearman_bootstrap(pools, image_ids, counts_matrix, method)
         _, y, img, gt = pools[0]
-        tables = per_gt_spearman_columns([p[0] for p in pools], y, gt, img, min_count)
+        x_ranks, y_ranks = [Ranking(p[0]) for p in pools], Ranking(y)  # each column sorted once
+        kendall = [_run(workers, kendall_tau, x, y_ranks) for x in x_ranks]
+        point, reps, used = _spearman_bootstrap(pools, image_ids, counts_matrix, method, (x_ranks, y_ranks))
+        tables = per_gt_spearman_columns(x_ranks, y_ranks, gt, img, min_count)
         for k, (column, table) in enumerate(zip(group, tables)):
             methods[column] = used
             replicates[f"spearman:{column}"] = reps[:, k]
@@ -217,7 +232,8 @@ def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_co
                          column, len(table) - len(defined))
             replicates[f"divergence:{column}"] = _divergence_replicates(defined, image_ids, counts_matrix)
             mean_rho = float(defined["spearman"].mean()) if len(defined) else np.nan
-            entry = {"spearman": point[k], **rank_correlations(pools[k][0], y, spearman=False),
+            entry = {"spearman": point[k], "kendall": kendall[k].result(),
+                     "pearson": pearson(pools[k][0], y),
                      "spearman_per_gt": mean_rho, "divergence": (1 - mean_rho) / 2}
             result[column] = {key: _finite(value) for key, value in entry.items()}
             result[column].update({"n": int(len(y)), "n_gt": int(len(defined)),
@@ -228,7 +244,7 @@ def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_co
 def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
             bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, ap_backend: str = "auto",
             min_count: int = 3, bootstrap_method: str = "auto", candidate_counts: dict | None = None,
-            score_columns=None) -> Analysis:
+            score_columns=None, workers=None) -> Analysis:
     """Analyse one ledger (a folder or a `Ledger` read with at least ANALYSIS_COLUMNS).
 
     gt: the COCO ground truth (path, or a COCO object from `load_ground_truth` to share between
@@ -238,7 +254,8 @@ def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
     Spearman replicates are computed (BOOTSTRAP_METHODS; settings['bootstrap_method'] says which).
     A streamed analysis (misalign.compare) passes a ledger whose candidates are only the retained
     rows (misalign.scan), with the tallies of every row as `candidate_counts` and the score columns
-    found in them as `score_columns`.
+    found in them as `score_columns`. workers: a concurrent.futures executor for the work that runs
+    without the GIL (Kendall's tau, in scipy's compiled code) beside this thread's; None: all in line.
     """
     if not isinstance(ledger, Ledger):  # a folder: streamed, only the rows the pools need in memory
         from misalign.scan import read_scanned
@@ -258,7 +275,7 @@ def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
     counts_matrix = bootstrap_counts(len(image_ids), int(bootstrap), seed).astype(np.float64)
     columns = _score_columns(candidates) if score_columns is None else list(score_columns)
     correlation, per_gt, replicates, methods = _correlations(candidates, columns, image_ids, counts_matrix, min_iou,
-                                                             min_count, bootstrap_method)
+                                                             min_count, bootstrap_method, workers)
     if ledger.pre_nms:
         sorted_counts = per_image.loc[image_ids]
         for condition in HEADLINE_CONDITIONS:

@@ -17,6 +17,7 @@ the pools, not with the ledger (docs/architecture.md, "memory").
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,9 @@ from misalign.ledger import (CANDIDATES, CHECKED_COLUMNS, CandidateChecker, Ledg
 HIST_BINS = 50  # Figure 1 density: bins per axis on [0, 1]
 HIST_COLUMNS = ("cls_score", "obj_score", "score")  # the score columns Figure 1 can draw against IoU
 # Rows tallied at once: a dump writes a row group per forward pass (a few images, ~10^4 rows), so
-# row groups are gathered up to this many rows; each batch costs ~40 numpy passes, and ~1 M rows
-# make that overhead negligible while holding ~100 MB of columns.
-BATCH_ROWS = 1 << 20
+# row groups are gathered up to this many rows; each batch costs ~40 numpy passes, and ~250 k rows
+# make that overhead negligible while a column of the batch (1 MB) still sits in the CPU's cache.
+BATCH_ROWS = 1 << 18
 
 
 @dataclass
@@ -69,28 +70,33 @@ def _add(total: dict, part: dict) -> None:
 
 def _tally(batch: pd.DataFrame, positions: np.ndarray, num_images: int, pre_nms: bool, formula) -> dict:
     """The additive tallies of one row batch."""
-    tallies = {"counts": counts.candidate_stage_counts(batch, positions, num_images, pre_nms),
-               "histograms": {}, "quadrants": {},
-               "levels": levels.level_tallies(batch, formula) if "level" in batch.columns else {}}
-    for column in HIST_COLUMNS:
-        tallies["histograms"][column] = {
-            stage: counts.score_iou_histogram(batch, column, kept_only=kept_only, bins=HIST_BINS)[0]
-            for stage, kept_only in (("pre_nms", False), ("post_nms", True))}
-        tallies["quadrants"][column] = counts.quadrant_tallies(batch, column)
-    return tallies
+    return {"counts": counts.candidate_stage_counts(batch, positions, num_images, pre_nms),
+            "histograms": counts.score_iou_histograms(batch, HIST_COLUMNS, HIST_BINS),
+            "quadrants": {column: counts.quadrant_tallies(batch, column) for column in HIST_COLUMNS},
+            "levels": levels.level_tallies(batch, formula) if "level" in batch.columns else {}}
 
 
 def _batches(folder, columns):
-    """pyarrow Tables of `columns`, row groups gathered to at least BATCH_ROWS rows (the last one may be fewer)."""
-    gathered, rows = [], 0
-    for table in candidate_batches(folder, columns):
-        gathered.append(table)
-        rows += table.num_rows
-        if rows >= BATCH_ROWS:
-            yield pa.concat_tables(gathered)
-            gathered, rows = [], 0
-    if gathered:
-        yield pa.concat_tables(gathered)
+    """pyarrow Tables of `columns`, one chunk each: row groups gathered to at least BATCH_ROWS rows
+    (the last one may be fewer), read in a worker thread while the caller tallies the previous batch
+    (pyarrow decodes without the GIL)."""
+    def gather():
+        gathered, rows = [], 0
+        for table in candidate_batches(folder, columns):
+            gathered.append(table)
+            rows += table.num_rows
+            if rows >= BATCH_ROWS:
+                yield pa.concat_tables(gathered).combine_chunks()
+                gathered, rows = [], 0
+        if gathered:
+            yield pa.concat_tables(gathered).combine_chunks()
+
+    with ThreadPoolExecutor(1) as reader:
+        tables = gather()
+        pending = reader.submit(next, tables, None)
+        while (table := pending.result()) is not None:
+            pending = reader.submit(next, tables, None)
+            yield table
 
 
 def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, retain_iou: float,
@@ -112,7 +118,7 @@ def scan_candidates(folder, images: pd.DataFrame, *, pre_nms: bool, columns, ret
     read = list(columns) if checker is None else [*columns, *(c for c in (*CHECKED_COLUMNS, *checker.sizes)
                                                                if c not in columns)]
     for table in _batches(folder, read):
-        batch = table.to_pandas()
+        batch = table.to_pandas(split_blocks=True)  # one chunk per column: no copy
         if checker is not None:
             checker.add(batch)
         positions = counts.image_positions(images, batch["image_id"].to_numpy(), "candidates.parquet")

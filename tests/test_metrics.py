@@ -469,3 +469,51 @@ def test_binned_histogram_equals_numpy_histogram2d():
         np.testing.assert_array_equal(got, expected)
         np.testing.assert_array_equal(got_edges, edges)
         assert got.sum() == np.isfinite(rows["score"].to_numpy()).sum()
+
+
+def test_ranking_and_kendall_against_scipy():
+    """One sort per column serves every rank statistic: midranks and tie sizes as scipy's rankdata
+    counts them, dense ranks in the values' order, and Kendall's tau-b bit-identical to scipy's on
+    the raw values (ties included)."""
+    from misalign.correlation import Ranking, kendall_tau
+
+    rng = np.random.default_rng(11)
+    x = np.round(rng.random(3000), 2)  # ~100 distinct values: many ties
+    y = np.where(rng.random(3000) < 0.3, 0.5, rng.random(3000)).astype(np.float32)
+    ranked = Ranking(x)
+    np.testing.assert_array_equal(ranked.midranks, stats.rankdata(x))
+    _, inverse, sizes = np.unique(x, return_inverse=True, return_counts=True)
+    np.testing.assert_array_equal(ranked.ties, sizes[inverse])
+    np.testing.assert_array_equal(ranked.dense, inverse)
+    assert kendall_tau(x, y) == stats.kendalltau(x, y).statistic
+    assert kendall_tau(ranked, Ranking(y)) == stats.kendalltau(x, y).statistic
+    assert np.isnan(kendall_tau(np.ones(5), np.arange(5.0)))  # constant input: undefined, as scipy
+
+
+def test_uniform_bin_index_equals_a_search_of_the_edges():
+    """floor(v * bins) with its one-step correction bins every value as np.searchsorted over
+    np.linspace's edges does, on and beside every edge, in float32 and float64."""
+    from misalign.counts import uniform_bin_index
+
+    for bins in (7, 10, 49, 50, 100):
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        beside = np.r_[edges, np.nextafter(edges, 2), np.nextafter(edges, -1), np.arange(bins + 1) / bins,
+                       np.random.default_rng(bins).random(5000), [np.nan, np.inf, -np.inf, -1e-300, 1.5]]
+        for values in (beside, beside.astype(np.float32)):
+            expected = np.searchsorted(edges, values.astype(np.float64), side="right") - 1
+            expected[values == 1.0] = bins - 1  # the last bin is closed
+            expected[(expected >= bins) | (expected < 0) | ~np.isfinite(values)] = -1
+            np.testing.assert_array_equal(uniform_bin_index(values, bins), expected)
+
+
+def test_searchsorted_runs_equals_searchsorted():
+    from misalign.ledger import searchsorted_runs
+
+    rng = np.random.default_rng(5)
+    known = rng.permutation(np.arange(0, 400, 3))
+    order = np.argsort(known)
+    values = np.repeat(rng.integers(-5, 410, 60), rng.integers(1, 9, 60))  # runs, unsorted, some unknown
+    np.testing.assert_array_equal(searchsorted_runs(known, values, sorter=order),
+                                  np.searchsorted(known, values, sorter=order))
+    np.testing.assert_array_equal(searchsorted_runs(np.sort(known), values), np.searchsorted(np.sort(known), values))
+    assert len(searchsorted_runs(known, np.zeros(0, np.int64), sorter=order)) == 0
