@@ -333,12 +333,11 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
             kept = kept_rows(ledger, KEPT_COLUMNS)  # the detector's output, file order
             image_ids = np.sort(images["image_id"].to_numpy(np.int64))
             diagnosis = side.submit(diagnose_detections, hot_gt, _detections(kept), image_ids, MATCH_THRESHOLDS)
-            per_level = side.submit(level_entries, scan.levels, ledger.candidates, score_formula(meta), settings.min_iou)
             losses = side.submit(suppression.ledger_table, ledger)  # per gt: the suppression losses (None: post-NMS only)
             analysis = analyze(ledger, coco_gt, name=name, min_iou=settings.min_iou, bootstrap=settings.bootstrap,
                                seed=settings.seed, candidate_counts=scan.counts, score_columns=scan.score_columns,
                                workers=side)
-            analysis.metrics["per_level"] = per_level.result()
+            analysis.metrics["per_level"] = level_entries(scan.levels, analysis.level_spearman, score_formula(meta))
             losses = losses.result()
             analysis.metrics["suppression"], gallery = suppression.analyse_ledger(ledger, coco_gt, gallery_gts, losses)
             gallery_gts = gallery["gt_id"] if gallery_gts is None and gallery is not None else gallery_gts

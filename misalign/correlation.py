@@ -279,20 +279,25 @@ class Ranking:
     the array.
 
     order [n]: the rows by ascending value (any order within ties: they share a group); group [n]:
-    the tie group of each sorted row (groups numbered in ascending value); sizes [G] the groups' sizes.
+    the tie group of each sorted row (groups numbered in ascending value); starts, sizes [G]: each
+    group's first sorted position and size. 32-bit where they fit: a pool of millions of rows holds
+    several Rankings at once.
     """
 
     def __init__(self, values):
         values = np.asarray(values, dtype=np.float64)
         n = len(values)
+        index = np.int32 if n < 2**31 else np.int64
         self.order = np.argsort(values)
         ordered = values[self.order]
         new = np.empty(n, bool)
         new[:1] = True
         np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
-        self.group = np.cumsum(new) - 1
-        self.starts = np.flatnonzero(new)
-        self.sizes = np.diff(np.r_[self.starts, n]).astype(np.float64)
+        del ordered
+        self.group = np.cumsum(new, dtype=index)
+        self.group -= 1
+        self.starts = np.flatnonzero(new).astype(index)
+        self.sizes = np.diff(self.starts, append=index(n))
 
     def __len__(self) -> int:
         return len(self.order)
@@ -305,17 +310,17 @@ class Ranking:
     @property
     def midranks(self) -> np.ndarray:
         """[n] float64 rank of each row from 1, ties averaged (scipy.stats.rankdata)."""
-        return self._per_row(self.starts + (self.sizes + 1) / 2)
+        return self._per_row(self.starts + (self.sizes + 1.0) / 2)
 
     @property
     def ties(self) -> np.ndarray:
         """[n] float64 size of each row's tie group."""
-        return self._per_row(self.sizes)
+        return self._per_row(self.sizes.astype(np.float64))
 
     @property
     def dense(self) -> np.ndarray:
-        """[n] int64 dense rank of each row (0 for the smallest value): the same order and ties as the values."""
-        out = np.empty(len(self.order), np.int64)
+        """[n] integer dense rank of each row (0 for the smallest value): the same order and ties as the values."""
+        out = np.empty(len(self.order), self.group.dtype)
         out[self.order] = self.group
         return out
 

@@ -702,24 +702,32 @@ class CandidateChecker:
 
     def finish(self) -> None:
         path = self.path
-        join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
-        ids, images, sup = join(self.ids), join(self.images), join(self.sup)
-        self.ids, self.images, self.sup = [], [], []
+
+        def join(name: str) -> np.ndarray:  # one array at a time: the parts are freed as it is joined
+            parts = getattr(self, name)
+            setattr(self, name, [])
+            return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+        ids, images, sup = join("ids"), join("images"), join("sup")
         ascending = bool(np.all(ids[1:] > ids[:-1]))  # the writer's numbering: no sort needed
         if not ascending:
             _check_unique(path, ids, "cand_id")
         rows = np.flatnonzero(sup >= 0)
         if not len(rows):
             return
-        order = None if ascending else np.argsort(ids)
-        pos = np.clip(np.searchsorted(ids, sup[rows], sorter=order), 0, len(ids) - 1)
-        target = pos if order is None else order[pos]  # [S] row of the suppressor
-        missing = ids[target] != sup[rows]
+        # A suppressor must be a survivor (suppressed_by -1): search the few survivors, not every row.
+        survivors = np.flatnonzero(sup == -1)
+        named = sup[rows]
+        order = None if ascending else np.argsort(ids[survivors])
+        pos = np.clip(np.searchsorted(ids[survivors], named, sorter=order), 0, max(len(survivors) - 1, 0))
+        target = survivors[pos if order is None else order[pos]] if len(survivors) else np.zeros(len(rows), np.intp)
+        found = (ids[target] == named) if len(survivors) else np.zeros(len(rows), bool)  # [S] names a survivor
         bad = np.zeros(len(ids), bool)
-        bad[rows[missing]] = True
-        _first_bad(path, bad, "suppressed_by names no cand_id of the ledger", ids)
-        bad[rows[sup[target] != -1]] = True
-        _first_bad(path, bad, "suppressed_by names a candidate that did not survive NMS", ids)
+        if not found.all():  # the error path: which of the two problems, at its first row
+            bad[rows[~np.isin(named, ids)]] = True
+            _first_bad(path, bad, "suppressed_by names no cand_id of the ledger", ids)
+            bad[rows[~found]] = True
+            _first_bad(path, bad, "suppressed_by names a candidate that did not survive NMS", ids)
         bad[rows[images[target] != images[rows]]] = True
         _first_bad(path, bad, "suppressed_by names a candidate of another image", ids)
 

@@ -24,7 +24,8 @@ Public API:
 - ScoreFormula(alpha).apply(cls, obj) -> [N] float32; score_formula(meta) -> ScoreFormula | None
 - formula_matches(score, cls, obj, formula) -> [N] bool
 - per_level(candidates, meta, min_iou=0.5) -> {label: {"n", "kept", "spearman", "formula_share"}}
-- level_tallies(candidates, formula) (adds up over batches); level_entries(tallies, pool_candidates, formula, min_iou)
+- level_tallies(candidates, formula) (adds up over batches); level_spearman(level, score, iou) -> {level: rho};
+  level_entries(tallies, rho, formula) -> per_level
 - is_flagged(entry) -> bool: the level's score is not the formula on some row
 - levels_frame(per_level_by_detector) -> DataFrame (tables/levels.csv)
 """
@@ -109,19 +110,22 @@ def level_tallies(candidates: pd.DataFrame, formula: ScoreFormula | None) -> dic
     return {int(lv): np.array([n[k], kept[k], matches[k]], np.int64) for k, lv in enumerate(levels)}
 
 
-def level_entries(tallies: dict[int, np.ndarray], pool_candidates: pd.DataFrame, formula: ScoreFormula | None,
-                  min_iou: float = 0.5) -> dict[str, dict]:
-    """metrics.json `per_level` from a ledger's `level_tallies` and rows holding its correlation pool
-    (iou >= min_iou: every row, or misalign.scan's retained rows): {label: {"n", "kept", "spearman",
-    "formula_share"}}, P3 ... P7, unknown last."""
-    rho = {}
-    pool = np.flatnonzero(pool_mask(pool_candidates, "score", min_iou))
-    if len(pool):
-        level = pool_candidates["level"].to_numpy()[pool].astype(np.int64)
-        # per_gt_spearman_columns is a Spearman per group of any non-negative integer codes: here the level.
-        table = per_gt_spearman_columns([pool_candidates["score"].to_numpy()[pool]],
-                                        pool_candidates["iou"].to_numpy()[pool], level - level.min(), min_count=2)[0]
-        rho = dict(zip((table["gt_id"].to_numpy() + level.min()).tolist(), table["spearman"].to_numpy()))
+def level_spearman(level, score, iou) -> dict[int, float]:
+    """{ledger level: Spearman(score, iou)} over the pool rows of each level with at least 2 of them
+    (NaN where all are tied). level [n]; score, iou [n]: arrays, or their
+    misalign.correlation.Rankings (misalign.metrics passes the ones its correlations made)."""
+    level = np.asarray(level).astype(np.int64)
+    if not len(level):
+        return {}
+    low = int(level.min())
+    # per_gt_spearman_columns is a Spearman per group of any non-negative integer codes: here the level.
+    table = per_gt_spearman_columns([score], iou, level - low, min_count=2)[0]
+    return dict(zip((table["gt_id"].to_numpy() + low).tolist(), table["spearman"].to_numpy()))
+
+
+def level_entries(tallies: dict[int, np.ndarray], rho: dict[int, float], formula: ScoreFormula | None) -> dict[str, dict]:
+    """metrics.json `per_level` from a ledger's `level_tallies` and `level_spearman` over its
+    correlation pool: {label: {"n", "kept", "spearman", "formula_share"}}, P3 ... P7, unknown last."""
     order = sorted(tallies, key=lambda lv: (lv < 0, lv))
     return {level_label(lv): {
         "n": int(tallies[lv][0]), "kept": int(tallies[lv][1]), "spearman": _finite(rho.get(lv, np.nan)),
@@ -137,7 +141,9 @@ def per_level(candidates: pd.DataFrame, meta: dict, min_iou: float = 0.5) -> dic
     meta names none). One O(N) pass per quantity (bincount over level codes), one sort for the ranks.
     """
     formula = score_formula(meta)
-    return level_entries(level_tallies(candidates, formula), candidates, formula, min_iou)
+    pool = np.flatnonzero(pool_mask(candidates, "score", min_iou))
+    rho = level_spearman(*(candidates[c].to_numpy()[pool] for c in ("level", "score", "iou")))
+    return level_entries(level_tallies(candidates, formula), rho, formula)
 
 
 def _matching_counts(candidates: pd.DataFrame, codes: np.ndarray, num_codes: int, formula: ScoreFormula,

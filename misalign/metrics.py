@@ -39,11 +39,11 @@ import pandas as pd
 
 from misalign import counts as _counts
 from misalign.cocoeval import STAT_KEYS, engine_info, evaluate_detections, load_ground_truth
-from misalign.correlation import (RankedPool, bootstrap_counts, correlation_pool, linear_replicates,
-                                  kendall_tau, pearson, per_gt_spearman_columns, percentile_ci, pool_mask,
-                                  Ranking, spearman_influence)
+from misalign.correlation import (RankedPool, Ranking, bootstrap_counts, kendall_tau, linear_replicates, pearson,
+                                  per_gt_spearman_columns, percentile_ci, pool_mask, spearman_influence)
 from misalign.errors import InputError
 from misalign.ledger import Ledger, kept_rows, read_ledger
+from misalign.levels import level_spearman
 from misalign.settings import DEFAULT_BOOTSTRAP
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class Analysis:
     replicates: dict[str, np.ndarray]  # 'spearman:<col>', 'divergence:<col>', 'survival:<cond>' -> [B]
     image_ids: np.ndarray  # sorted image ids: the bootstrap's index space
     settings: dict = field(default_factory=dict)  # min_iou, bootstrap, seed, ap_backend, min_count, pool
+    level_spearman: dict = field(default_factory=dict)  # ledger level -> Spearman(score, iou) of its pool rows
 
     def table1(self, num_images: int = 10, image_ids=None) -> pd.DataFrame:
         """Table 1 (see misalign.counts.table1)."""
@@ -151,16 +152,17 @@ def _score_columns(candidates: pd.DataFrame) -> list[str]:
     return [c for c in present if c != "obj_score" or bool(np.isfinite(candidates[c].to_numpy()).any())]
 
 
-def _shared_pools(candidates: pd.DataFrame, columns, min_iou: float) -> list[list[str]]:
-    """Score columns grouped by identical pools (same rows): each group shares one RankedPool."""
-    masks = {c: pool_mask(candidates, c, min_iou) for c in columns}
-    groups: list[list[str]] = []
+def _shared_pools(candidates: pd.DataFrame, columns, min_iou: float) -> list[tuple[list[str], np.ndarray]]:
+    """Score columns grouped by identical pools: [(columns, pool rows)]. Each group shares one
+    selection, one ranking of iou and one bootstrap."""
+    groups: list[tuple[list[str], np.ndarray]] = []
     for column in columns:
-        same = next((g for g in groups if np.array_equal(masks[g[0]], masks[column])), None)
+        rows = np.flatnonzero(pool_mask(candidates, column, min_iou))
+        same = next((g for g in groups if np.array_equal(g[1], rows)), None)
         if same is None:
-            groups.append([column])
+            groups.append(([column], rows))
         else:
-            same.append(column)
+            same[0].append(column)
     return groups
 
 
@@ -173,20 +175,18 @@ def bootstrap_method_for(pool_rows: int, num_resamples: int, method: str = "auto
     return "exact" if pool_rows * num_resamples <= EXACT_BOOTSTRAP_BUDGET else "linear"
 
 
-def _spearman_bootstrap(pools, image_ids, counts_matrix, method="auto", rankings=None):
-    """Spearman rho of each pool's score array (pools share rows) on the full pool [K], on every
-    resample [B, K], and the replicates' method ('exact' or 'linear'). rankings: (the score arrays'
-    Rankings, iou's), when the caller has them."""
-    _, y, img, _ = pools[0]
+def _spearman_bootstrap(xs, y, img, image_ids, counts_matrix, method="auto", rankings=None):
+    """Spearman rho of each score array of xs against y (rows of images img) on the full pool [K],
+    on every resample [B, K], and the replicates' method ('exact' or 'linear'). rankings: (xs'
+    Rankings, y's), when the caller has them."""
     method = bootstrap_method_for(len(y), len(counts_matrix), method)
     image_pos = np.searchsorted(image_ids, img)
     if method == "linear":
-        xs, y = rankings or ([p[0] for p in pools], y)
-        point, grad = spearman_influence(xs, y, image_pos, len(image_ids))  # point: scipy's
+        point, grad = spearman_influence(*(rankings or (xs, y)), image_pos, len(image_ids))  # point: scipy's
         return point, linear_replicates(point, grad, counts_matrix), method
-    ranked = RankedPool([p[0] for p in pools], y, image_pos, len(image_ids))
+    ranked = RankedPool(xs, y, image_pos, len(image_ids))
     point = ranked.spearman(np.ones(len(image_ids)))  # equals scipy's spearmanr on the pool
-    reps = ranked.replicates(counts_matrix) if len(counts_matrix) else np.zeros((0, len(pools)))
+    reps = ranked.replicates(counts_matrix) if len(counts_matrix) else np.zeros((0, len(xs)))
     return point, reps, method
 
 
@@ -208,20 +208,32 @@ def _run(workers, function, *args) -> Future:
     return done
 
 
-def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_count, method="auto", workers=None):
-    """(metrics 'correlation' dict, per-gt tables, replicates, {column: bootstrap method}) for each score column.
+def _kendall_taus(xs, y) -> list[float]:
+    """Kendall's tau of each of xs against y, one after the other (in one side thread: scipy copies
+    the pool, so one copy at a time)."""
+    return [kendall_tau(x, y) for x in xs]
 
-    Columns with the same pool rows share it: one selection, one ranking of iou, one bootstrap.
+
+def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_count, method="auto", workers=None):
+    """(metrics 'correlation' dict, per-gt tables, replicates, {column: bootstrap method}, {ledger level:
+    Spearman of score}) for each score column.
+
+    Columns with the same pool rows share it (`_shared_pools`); each column is sorted once (a
+    Ranking) for every rank statistic. The per-level Spearman (misalign.levels.level_spearman) of
+    `score`, the NMS ranking, comes from the same rankings when the candidates have a `level`.
     workers: the executor Kendall's tau runs in (see `analyze`).
     """
-    result, per_gt, replicates, methods = {}, {}, {}, {}
-    for group in _shared_pools(candidates, columns, min_iou):
-        pools = [correlation_pool(candidates, column, min_iou) for column in group]
-        _, y, img, gt = pools[0]
-        x_ranks, y_ranks = [Ranking(p[0]) for p in pools], Ranking(y)  # each column sorted once
-        kendall = [_run(workers, kendall_tau, x, y_ranks) for x in x_ranks]
-        point, reps, used = _spearman_bootstrap(pools, image_ids, counts_matrix, method, (x_ranks, y_ranks))
+    result, per_gt, replicates, methods, level_rho = {}, {}, {}, {}, {}
+    iou, image, gt_id = (candidates[c].to_numpy() for c in ("iou", "image_id", "gt_id"))
+    for group, rows in _shared_pools(candidates, columns, min_iou):
+        y, img, gt = iou[rows].astype(np.float64), image[rows].astype(np.int64), gt_id[rows].astype(np.int64)
+        xs = [candidates[column].to_numpy()[rows].astype(np.float64) for column in group]
+        x_ranks, y_ranks = [Ranking(x) for x in xs], Ranking(y)
+        kendall = _run(workers, _kendall_taus, x_ranks, y_ranks)
+        point, reps, used = _spearman_bootstrap(xs, y, img, image_ids, counts_matrix, method, (x_ranks, y_ranks))
         tables = per_gt_spearman_columns(x_ranks, y_ranks, gt, img, min_count)
+        if "score" in group and "level" in candidates.columns:
+            level_rho = level_spearman(candidates["level"].to_numpy()[rows], x_ranks[group.index("score")], y_ranks)
         for k, (column, table) in enumerate(zip(group, tables)):
             methods[column] = used
             replicates[f"spearman:{column}"] = reps[:, k]
@@ -232,13 +244,12 @@ def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_co
                          column, len(table) - len(defined))
             replicates[f"divergence:{column}"] = _divergence_replicates(defined, image_ids, counts_matrix)
             mean_rho = float(defined["spearman"].mean()) if len(defined) else np.nan
-            entry = {"spearman": point[k], "kendall": kendall[k].result(),
-                     "pearson": pearson(pools[k][0], y),
+            entry = {"spearman": point[k], "kendall": kendall.result()[k], "pearson": pearson(xs[k], y),
                      "spearman_per_gt": mean_rho, "divergence": (1 - mean_rho) / 2}
             result[column] = {key: _finite(value) for key, value in entry.items()}
             result[column].update({"n": int(len(y)), "n_gt": int(len(defined)),
                                    "ci95": {"spearman": percentile_ci(replicates[f"spearman:{column}"])}})
-    return {column: result[column] for column in columns}, per_gt, replicates, methods
+    return {column: result[column] for column in columns}, per_gt, replicates, methods, level_rho
 
 
 def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
@@ -274,8 +285,8 @@ def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
 
     counts_matrix = bootstrap_counts(len(image_ids), int(bootstrap), seed).astype(np.float64)
     columns = _score_columns(candidates) if score_columns is None else list(score_columns)
-    correlation, per_gt, replicates, methods = _correlations(candidates, columns, image_ids, counts_matrix, min_iou,
-                                                             min_count, bootstrap_method, workers)
+    correlation, per_gt, replicates, methods, level_rho = _correlations(
+        candidates, columns, image_ids, counts_matrix, min_iou, min_count, bootstrap_method, workers)
     if ledger.pre_nms:
         sorted_counts = per_image.loc[image_ids]
         for condition in HEADLINE_CONDITIONS:
@@ -299,7 +310,7 @@ def analyze(ledger, gt=None, *, name: str | None = None, min_iou: float = 0.5,
                                      if int(bootstrap) else []),
                 "pool": "pre_nms" if ledger.pre_nms else "post_nms"}
     return Analysis(name=name or ledger.name, metrics=metrics, per_image=per_image, per_gt=per_gt,
-                    replicates=replicates, image_ids=image_ids, settings=settings)
+                    replicates=replicates, image_ids=image_ids, settings=settings, level_spearman=level_rho)
 
 
 def compute_metrics(ledger, gt=None, **options) -> dict:

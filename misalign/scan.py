@@ -77,17 +77,18 @@ def _tally(batch: pd.DataFrame, positions: np.ndarray, num_images: int, pre_nms:
 
 
 def _batches(folder, columns):
-    """pyarrow Tables of `columns`, one chunk each: row groups gathered to at least BATCH_ROWS rows
-    (the last one may be fewer), read in a worker thread while the caller tallies the previous batch
+    """pyarrow Tables of `columns`, one chunk each: row groups gathered, or sliced, to BATCH_ROWS rows
+    or a little more (the last one may be fewer), read in a worker thread while the caller tallies the previous batch
     (pyarrow decodes without the GIL)."""
     def gather():
         gathered, rows = [], 0
         for table in candidate_batches(folder, columns):
-            gathered.append(table)
-            rows += table.num_rows
-            if rows >= BATCH_ROWS:
-                yield pa.concat_tables(gathered).combine_chunks()
-                gathered, rows = [], 0
+            for start in range(0, table.num_rows, BATCH_ROWS):  # a large row group in slices (no copy)
+                gathered.append(table.slice(start, BATCH_ROWS))
+                rows += gathered[-1].num_rows
+                if rows >= BATCH_ROWS:
+                    yield pa.concat_tables(gathered).combine_chunks()
+                    gathered, rows = [], 0
         if gathered:
             yield pa.concat_tables(gathered).combine_chunks()
 

@@ -6,6 +6,8 @@ misalign.calibration made.
 
 from __future__ import annotations
 
+from functools import partial
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
@@ -117,7 +119,7 @@ def errors_section(result, palette) -> dict:
     """The 'Errors' section: the bar chart, the table and the notes."""
     errors = {n: result.metrics["detectors"][n]["errors"] for n in result.names}
     notes = [f"{d.name}: no NMS row, {d.errors.nms_note}." for d in result.detectors if d.errors.nms_note]
-    figure = F._figure("errors", figure_errors(errors, palette), (
+    figure = F._figure("errors", partial(figure_errors, errors, palette), (
         "ΔAP50 (points) that fixing each error type would gain, per detector: TIDE's six types (Bolya et al. "
         "2020, at its thresholds, fixed one type at a time), then NMS (hatched): every suppression loss given its "
         "best candidate.",
@@ -155,8 +157,8 @@ def calibration_section(result, palette) -> dict:
                 reasons.setdefault(d.calibration.notes[column], []).append(d.name)
         for reason, names in reasons.items():
             notes.append(f"{', '.join(names)}: no {column} calibration, {reason}.")
-    reliability = F._figure("calibration", figure_reliability(
-        {d.name: d.calibration.reliability for d in detectors}, numbers, palette), (
+    reliability = F._figure("calibration", partial(
+        figure_reliability, {d.name: d.calibration.reliability for d in detectors}, numbers, palette), (
         f"Reliability diagrams of the kept boxes, one row per detector, one panel per score column: bars are the "
         f"precision (matched at IoU ≥ {DECE_IOU:g}) of the boxes in each of {NUM_BINS} equal-width score bins, dots "
         f"the bin's mean score, the line the mean IoU·TP (matched at IoU ≥ {LAECE_IOU:g}) with classes pooled.",
@@ -176,7 +178,7 @@ def calibration_section(result, palette) -> dict:
     branch = {d.name: d.calibration.obj_bins for d in detectors if d.calibration.obj_bins is not None}
     obj_figure = None
     if branch:
-        obj_figure = F._figure("obj_vs_iou", figure_obj_vs_iou(branch, palette), (
+        obj_figure = F._figure("obj_vs_iou", partial(figure_obj_vs_iou, branch, palette), (
             "obj_score of the pre-NMS candidates with IoU ≥ 0.5 by IoU bin (width 0.05): mean (line, at the bin's "
             "mean IoU) and interquartile range (band), per detector with an object-confidence branch.",
             "An IoU branch that predicts IoU follows the dashed diagonal; a flat line means it ranks candidates "

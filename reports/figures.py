@@ -15,8 +15,13 @@ from __future__ import annotations
 import base64
 import io
 import math
+import multiprocessing
+import os
 import struct
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 
 import matplotlib
 
@@ -493,9 +498,17 @@ def figure_rescoring(rescoring: dict, palette: dict, keys=("AP", "AP50", "AP75")
 @dataclass
 class Figure:
     key: str  # file stem under figures/ and the HTML id
-    png: bytes  # the PNG file
+    draw: Callable = field(repr=False)  # () -> the matplotlib figure; drawn once, when `png` is first read
     explain: tuple[str, str]  # two lines: what it shows, how to read it
     alt: str = ""  # alt text
+    drawn: bytes | None = field(default=None, repr=False)  # the PNG, once drawn
+
+    @property
+    def png(self) -> bytes:
+        """The PNG file (drawn now unless `render_figures` drew it already)."""
+        if self.drawn is None:
+            self.drawn = figure_png(self.draw())
+        return self.drawn
 
     @property
     def data(self) -> str:
@@ -511,8 +524,35 @@ class Figure:
 MANY_DETECTORS = 3  # above this, overlays and per-quantity rows crowd: views get one row per detector
 
 
-def _figure(key, fig, explain, alt) -> Figure:
-    return Figure(key=key, png=figure_png(fig), explain=explain, alt=alt)
+def _figure(key, draw, explain, alt) -> Figure:
+    """A Figure drawn later by `draw()` (a partial of one of the functions above)."""
+    return Figure(key=key, draw=draw, explain=explain, alt=alt)
+
+
+_PENDING: list[Figure] = []  # what the forked renderers draw: inherited by fork, never pickled
+
+
+def _draw_pending(index: int) -> bytes:
+    return _PENDING[index].png
+
+
+def render_figures(figures) -> None:
+    """Draw every figure not drawn yet: in forked processes, one figure at a time each, where the
+    machine has more than one core (matplotlib draws in one thread, holding the GIL; the figures
+    are independent), else here in order. Only the PNG bytes come back."""
+    global _PENDING
+    pending = [f for f in figures if f.drawn is None]
+    workers = min(len(pending), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    if workers > 1 and sys.platform.startswith("linux"):  # fork: the figures' data is not copied or pickled
+        _PENDING = pending
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for figure, png in zip(pending, pool.map(_draw_pending, range(len(pending)), chunksize=1)):
+                    figure.drawn = png
+        finally:
+            _PENDING = []
+    for figure in pending:
+        figure.png  # noqa: B018 (draws what is left, in order)
 
 
 def figure1_figures(result, col: str, palette) -> list[Figure]:
@@ -522,7 +562,7 @@ def figure1_figures(result, col: str, palette) -> list[Figure]:
     bins = len(result.hist_edges) - 1
     return [
         per_image_figure(result, frames, col, palette),
-        _figure(f"figure1_{col}_density", figure_score_iou_density(hists, result.hist_edges, col, palette), (
+        _figure(f"figure1_{col}_density", partial(figure_score_iou_density, hists, result.hist_edges, col, palette), (
             f"The same over every image of the split as a 2-D histogram ({bins}×{bins} cells, log colour "
             "scale): before NMS (top) and after NMS (bottom), one column per detector.",
             "Mass in the shaded corner = misaligned boxes; a cloud that rises to the right means the score follows "
@@ -539,16 +579,17 @@ def per_image_figure(result, frames, col, palette) -> Figure:
     why = (f"Dashed lines mark 0.5; points in the shaded corner are well localised (IoU > 0.5) but scored "
            f"{short} < 0.5 — boxes NMS tends to discard in favour of higher-scored, worse boxes.")
     if len(frames) <= MANY_DETECTORS:
-        figure = figure_score_iou_images(frames, shown_ids, col, palette, post_only=post_only, seed=seed)
+        draw = partial(figure_score_iou_images, frames, shown_ids, col, palette, post_only=post_only, seed=seed)
         what = (f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground "
                 f"truth), before NMS (top) and after NMS (bottom); one colour per detector, like the paper's Figure 1.")
     else:
         shown_ids = list(shown_ids)[:MANY_DETECTORS]
-        figure = figure_score_iou_images_by_detector(frames, shown_ids, col, palette, post_only=post_only, seed=seed)
+        draw = partial(figure_score_iou_images_by_detector, frames, shown_ids, col, palette, post_only=post_only,
+                       seed=seed)
         what = (f"{col} against IoU for each candidate of {len(shown_ids)} images (the first of the split with ground "
                 f"truth), one row per detector ({len(frames)} are too many to overlay): every candidate before NMS in "
                 "grey, the boxes NMS kept in the detector's colour.")
-    return _figure(f"figure1_{col}_images", figure, (what, why), f"{col} vs IoU per image")
+    return _figure(f"figure1_{col}_images", draw, (what, why), f"{col} vs IoU per image")
 
 
 def figure2_figures(result, palette) -> list[Figure]:
@@ -560,13 +601,13 @@ def figure2_figures(result, palette) -> list[Figure]:
     survival = {d.name: detectors[d.name]["survival"] for d in with_pre}
     per_image = {d.name: d.per_image_proportions for d in with_pre}
     return [
-        _figure("figure2_proportions", figure_proportions(proportions, survival, palette), (
+        _figure("figure2_proportions", partial(figure_proportions, proportions, survival, palette), (
             "Left: share of boxes meeting each condition before NMS (solid) and after NMS (dashed), over the whole "
             "split. Right: survival rate of each condition, i.e. kept boxes / pre-NMS boxes meeting it.",
             "The paper's headline: the iou>0.5 share drops through NMS while the cls>0.5 share does not — NMS "
             "selects by score, so well-localised low-score boxes are suppressed."),
             "proportions before and after NMS"),
-        _figure("figure2_per_image", figure_proportions_per_image(per_image, palette), (
+        _figure("figure2_per_image", partial(figure_proportions_per_image, per_image, palette), (
             f"Per image (the first {result.settings.num_images}), share of boxes with cls > 0.5 (circles) and IoU > 0.5 "
             "(triangles) before NMS (solid) and after NMS (dashed), like the paper's Figure 2.",
             "A dashed triangle line below the solid one means NMS lowered the share of well-localised boxes in that "
@@ -577,7 +618,7 @@ def figure2_figures(result, palette) -> list[Figure]:
 
 def correlation_section_figure(result, palette) -> Figure:
     corr = {n: result.metrics["detectors"][n]["correlation"] for n in result.names}
-    return _figure("correlation", figure_correlation(corr, palette), (
+    return _figure("correlation", partial(figure_correlation, corr, palette), (
         "Left: Spearman ρ between each score column and IoU with its 95% bootstrap CI (over images), per detector. "
         "Right: divergence = (1 − mean per-gt Spearman ρ)/2 over ground-truth boxes with ≥ 3 candidates.",
         "ρ towards 1 and divergence towards 0 mean the score ranks a box's candidates by localisation quality; "
@@ -587,7 +628,7 @@ def correlation_section_figure(result, palette) -> Figure:
 
 def ap_section_figure(result, palette) -> Figure:
     ap = {n: result.metrics["detectors"][n]["ap"] for n in result.names}
-    return _figure("coco_ap", figure_ap(ap, palette), (
+    return _figure("coco_ap", partial(figure_ap, ap, palette), (
         "COCO AP (%) of each detector at a glance: overall, at IoU 0.5 and 0.75, and by object size.",
         "Bars are the numbers of the table above ×100."), "COCO AP")
 
@@ -597,7 +638,7 @@ def training_section_figure(result, palette) -> Figure | None:
     curves = {d.name: d.training.epochs for d in result.detectors if d.training is not None and d.training.available}
     if not curves:
         return None
-    return _figure("training", figure_training(curves, palette), (
+    return _figure("training", partial(figure_training, curves, palette), (
         "Per epoch of each dump's training run (its checkpoint's log.csv): the loss averaged over the epoch's steps; "
         "the Spearman ρ between the class probability of the true class and the IoU of the decoded box over the "
         f"positive anchors of the epoch's last {ALIGNMENT_BATCHES} batches; and, for models with an objectness or IoU branch, the mean "
@@ -612,7 +653,7 @@ def rescoring_section_figure(result, palette) -> Figure | None:
     sweeps = result.sweeps
     if not sweeps:
         return None
-    return _figure("rescoring", figure_rescoring(sweeps, palette), (
+    return _figure("rescoring", partial(figure_rescoring, sweeps, palette), (
         "COCO AP, AP50 and AP75 after NMS ranked by obj^α·cls^(1−α), against α (solid, one colour per "
         "detector with an object-confidence branch; the hollow marker at α = 1 is obj alone); horizontal lines: "
         "cls alone (dashed), cls·obj (dash-dot), oracle_nms, IoU-guided NMS by true IoU keeping the cluster's best "

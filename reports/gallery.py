@@ -10,6 +10,7 @@ detectors columns, every panel of a row on the same crop, so the boxes compare d
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -204,4 +205,4 @@ def gallery_section_figure(result, palette):
             + " Green: the ground truth; red: the box NMS kept (score · IoU); blue dashed: the better box it suppressed.")
     why = ("A loss: some box had IoU ≥ 0.5 and beat the kept one by ≥ 0.1, but scored lower and was suppressed. "
            "A column without the blue box kept its best box, or none of its boxes reached 0.5.")
-    return F._figure("gallery", figure_gallery(cases, palette), (what, why), "suppression gallery")
+    return F._figure("gallery", partial(figure_gallery, cases, palette), (what, why), "suppression gallery")

@@ -315,6 +315,7 @@ def write_report(dumps, out, **options) -> Path:
 
     result = compare(dumps, **asdict(ReportConfig(**options)))
     context = build_context(result)
+    F.render_figures(_figures(context))
     html = render_page(context)
     out = Path(out)
     with atomic_dir(out) as tmp:

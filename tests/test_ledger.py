@@ -125,6 +125,24 @@ def set_column(name, values, type_=None):
     return transform
 
 
+def both(*transforms):
+    def transform(table):
+        for step in transforms:
+            table = step(table)
+        return table
+    return transform
+
+
+REVERSED_IDS = set_column("cand_id", [7, 6, 5, 4, 3, 2, 1, 0])
+
+
+def test_validate_accepts_cand_ids_out_of_order(tmp_path):
+    folder = tmp_path / "d"
+    write_toy(folder)
+    rewrite(folder / "candidates.parquet", both(REVERSED_IDS, set_column("suppressed_by", [-1, 7, -1, 7, -1, -1, 2, -1])))
+    validate_ledger(folder)  # row 6 names cand_id 2: row 5, a survivor of the same image
+
+
 @pytest.mark.parametrize("file, transform, message", [
     ("candidates.parquet", lambda t: t.drop(["iou_any"]), "candidates.parquet: missing column(s) iou_any"),
     ("candidates.parquet", set_column("iou", [0.5] * 8, pa.float64()), "column iou is double, expected float"),
@@ -139,6 +157,13 @@ def set_column(name, values, type_=None):
      "row 6 (cand_id 6): suppressed_by names a candidate of another image"),
     ("candidates.parquet", set_column("suppressed_by", [2, 0, -1, 0, -1, -1, 5, -1]),
      "row 0 (cand_id 0): kept but suppressed_by is not -1"),
+    # cand_ids out of order (a ledger written elsewhere): the same three rules, found through a sort
+    ("candidates.parquet", both(REVERSED_IDS, set_column("suppressed_by", [-1, 7, -1, 7, -1, -1, 99, -1])),
+     "row 6 (cand_id 1): suppressed_by names no cand_id"),
+    ("candidates.parquet", both(REVERSED_IDS, set_column("suppressed_by", [-1, 7, -1, 7, -1, -1, 4, -1])),
+     "row 6 (cand_id 1): suppressed_by names a candidate that did not survive NMS"),
+    ("candidates.parquet", both(REVERSED_IDS, set_column("suppressed_by", [-1, 7, -1, 7, -1, -1, 7, -1])),
+     "row 6 (cand_id 1): suppressed_by names a candidate of another image"),
     ("candidates.parquet", set_column("iou", [0.5, 0.5, 1.5, 0.5, 0.5, 0.5, 0.5, 0.5]), "row 2 (cand_id 2): iou is outside [0, 1]"),
     ("candidates.parquet", set_column("iou_any", [0.75] * 7 + [float("nan")]), "row 7 (cand_id 7): iou_any is outside"),
     ("candidates.parquet", set_column("x2", [10, 11, 60, 10, 25, 25, 25, 60]), "row 7 (cand_id 7): inverted box (x2 < x1)"),
