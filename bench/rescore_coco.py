@@ -67,7 +67,7 @@ def main() -> None:
         image_id = cands["image_id"].to_numpy()
         with Timer() as t:
             plan = plan_nms(image_id, cands["category_id"].to_numpy(), cands[["x1", "y1", "x2", "y2"]].to_numpy())
-        print(f"grouping for NMS ({len(plan.chunks):,} nms calls per ranking): {t}", flush=True)
+        print(f"grouping for NMS ({len(plan.starts):,} nms calls per ranking): {t}", flush=True)
         scores, _ = ranking_scores(cands)
         image_ids = ledger.images["image_id"].to_numpy()
         for name in ("cls", "alpha=0.4", "oracle"):
@@ -89,7 +89,7 @@ def main() -> None:
             plan64 = plan_nms(image_id, cands["category_id"].to_numpy(), boxes64)
         with Timer() as t_nms:
             nms_survivors(plan64, scores["cls"], settings["nms_thresh"])
-        print(f"float64 two-decimal boxes: grouping {t_plan} ({len(plan64.chunks):,} nms calls, "
+        print(f"float64 two-decimal boxes: grouping {t_plan} ({len(plan64.starts):,} nms calls, "
               f"{plan64.inexact_chunks:,} chunks fell back) | NMS {t_nms}", flush=True)
         with Timer() as t:
             result = rescore(ledger, coco_gt)

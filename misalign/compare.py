@@ -22,6 +22,7 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -298,8 +299,8 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     from misalign.calibration import MATCH_THRESHOLDS
     from misalign.cocoeval import diagnose_detections, ground_truth_boxes, hotcoco_ground_truth
     from misalign.ledger import kept_rows
-    from misalign.metrics import (ANALYSIS_COLUMNS, BOX_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze,
-                                  check_ground_truth, load_ground_truth)
+    from misalign.metrics import BOX_COLUMNS, STREAMED_ANALYSIS_COLUMNS, analyze, check_ground_truth, load_ground_truth
+    from misalign.rescore import RESCORE_COLUMNS
     from misalign.scan import read_scanned
     from misalign.levels import LEVEL_COLUMNS, level_entries, score_formula
     from misalign.training import training_curves
@@ -324,6 +325,8 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
     # Work that runs without the GIL (hotcoco, numpy's sorts) goes to side threads while the main
     # thread analyses: on two cores the report then takes the longer of the two, not their sum.
     with ThreadPoolExecutor(2, thread_name_prefix="misalign-side") as side:
+        if settings.rescore:  # rescoring's NMS needs torch, seconds to import: load it while the analysis runs
+            side.submit(import_module, "misalign.nms")
         for folder, name, meta, images in zip(folders, names, metas, image_tables):
             # every analysis of the retained rows pools iou >= RETAIN_IOU (or the correlation's own floor) or kept rows
             ledger, scan = read_scanned(folder, columns, retain_iou=min(settings.min_iou, RETAIN_IOU),
@@ -348,7 +351,7 @@ def _analyse_dumps(folders: list[Path], settings: CompareSettings) -> tuple[list
                 ledger, analysis, coco_gt, kept, diagnosis.result(), gt_boxes, losses)
             del ledger, scan, kept
             if settings.rescore:  # rescoring re-runs NMS on every box: the whole pool, with boxes
-                full = read_ledger(folder, columns=ANALYSIS_COLUMNS)
+                full = read_ledger(folder, columns=list(RESCORE_COLUMNS))
                 results[-1].rescoring, results[-1].rescore_note = _rescore(full, analysis, coco_gt, settings)
                 del full
     return results, gt_path

@@ -273,7 +273,7 @@ def test_chunk_offsets_keep_groups_apart_and_iou_ties_exact():
         plan = plan_nms(image_id, category_id, boxes, chunk_rows=chunk_rows)
         assert plan.inexact_chunks == 0  # float32 values shift exactly: no per-group fallback
         if chunk_rows > 1:
-            assert 1 < len(plan.chunks) < 300 and max(len(b) for b in plan.chunks) > 3  # groups share chunks
+            assert 1 < len(plan.starts) < 300 and max(plan.ends - plan.starts) > 3  # groups share chunks
         np.testing.assert_array_equal(nms_survivors(plan, scores, 0.5), expected)
     slow = slow_greedy_nms(image_id, category_id, boxes.astype(np.float64).tolist(), scores.tolist(), 0.5, 10**6)
     assert slow == set(np.flatnonzero(expected).tolist())
@@ -321,7 +321,7 @@ def test_float64_two_decimal_boxes_at_the_threshold_match_per_group_torchvision_
     for chunk_rows in (256, 16, 1):
         plan = plan_nms(image_id, category_id, boxes, chunk_rows=chunk_rows)
         if chunk_rows > 1:  # (one group per chunk is never shifted: offset 0, the boxes start at x, y >= 0)
-            assert plan.inexact_chunks > 0 and max(len(b) for b in plan.chunks) > 3  # both paths: fallback, shifted chunk
+            assert plan.inexact_chunks > 0 and max(plan.ends - plan.starts) > 3  # both paths: fallback, shifted chunk
         np.testing.assert_array_equal(nms_survivors(plan, scores, 0.5), expected)
 
 
@@ -684,3 +684,18 @@ def test_alpha_plot_axis_fits_the_sweep_not_the_oracle_or_obj_alone():
     assert _sweep_limits(rescoring, "AP") == pytest.approx((0.282, 0.438))
     del rescoring["base"]  # a narrow range gets the 0.01 floor
     assert _sweep_limits(rescoring, "AP") == pytest.approx((0.39, 0.43))
+
+
+def test_nms_groups_sort_by_image_category_then_row():
+    """The plan's one stable sort of a combined key orders rows as a lexsort of (image, category,
+    row) does, and so does its fallback for ids too large to combine."""
+    from misalign.nms import _group_starts
+
+    rng = np.random.default_rng(4)
+    for scale in (1, 2**40):  # 2**40 x 2**30 does not fit one int64 key: the lexsort fallback
+        image_id = np.repeat(rng.integers(0, 50, 40), rng.integers(1, 30, 40)) * scale
+        category_id = rng.integers(0, 5, len(image_id)) * (2**30 if scale > 1 else 1)
+        order, starts = _group_starts(image_id, category_id)
+        np.testing.assert_array_equal(order, np.lexsort((np.arange(len(image_id)), category_id, image_id)))
+        img, cat = image_id[order], category_id[order]
+        np.testing.assert_array_equal(starts, np.flatnonzero(np.r_[True, (img[1:] != img[:-1]) | (cat[1:] != cat[:-1])]))
