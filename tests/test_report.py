@@ -12,6 +12,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -652,3 +653,49 @@ def test_many_detectors_get_one_row_each_in_the_differences_table(ledgers, tmp_p
     for row in long.itertuples():  # every delta, with its CI where it has one, is a cell of its detector's row
         ci = "" if np.isnan(row.ci95_lo) else f" [{row.ci95_lo:.3f}, {row.ci95_hi:.3f}]"
         assert f"{row.delta:+.3f}{ci}" in section
+
+
+def _recorded_ap_figure(pid_file, ap, palette):
+    """figure_ap, noting which process drew it."""
+    from reports.figures import figure_ap
+
+    with open(pid_file, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    if ap is None:
+        raise ValueError("a drawing that fails")
+    return figure_ap(ap, palette)
+
+
+def test_figures_drawn_in_worker_processes_equal_those_drawn_here(tmp_path, monkeypatch):
+    """On a multi-core Linux machine render_figures draws each figure in a forked worker; the PNG
+    bytes are those the report's own process draws, and a failing drawing fails the report."""
+    from functools import partial
+
+    from reports import figures as F
+
+    palette = {"a": "#0072b2", "b": "#d55e00"}
+    aps = [{"a": {"AP": 0.1 * i, "AP50": 0.3, "AP75": 0.2}, "b": {"AP": 0.2, "AP50": 0.5 - 0.1 * i, "AP75": 0.1}}
+           for i in range(3)]
+    pids = tmp_path / "pids"
+
+    def figures(*ap_of):
+        return [F._figure(f"ap{i}", partial(_recorded_ap_figure, pids, ap, palette), ("what", "why"), "")
+                for i, ap in enumerate(ap_of)]
+
+    here = [f.png for f in figures(*aps)]
+    assert set(pids.read_text().split()) == {str(os.getpid())}
+    pids.unlink()
+    monkeypatch.setattr(F.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(F.sys, "platform", "linux")
+    drawn = figures(*aps)
+    F.render_figures(drawn)
+    assert [f.png for f in drawn] == here
+    workers = set(pids.read_text().split())
+    assert str(os.getpid()) not in workers and len(pids.read_text().split()) == 3
+    with pytest.raises(ValueError, match="a drawing that fails"):
+        F.render_figures(figures(aps[0], None))
+    pids.unlink()
+    monkeypatch.setattr(F.os, "sched_getaffinity", lambda pid: {0})  # one core: drawn here, in order
+    alone = figures(*aps)
+    F.render_figures(alone)
+    assert [f.png for f in alone] == here and set(pids.read_text().split()) == {str(os.getpid())}
