@@ -62,13 +62,15 @@ def correlation_pool(candidates: pd.DataFrame, column: str, min_iou: float = 0.5
 
 def kendall_tau(x, y) -> float:
     """Kendall's tau-b of x and y (arrays or Rankings): scipy.stats.kendalltau on their dense ranks,
-    which have the same order and ties (so the same statistic) and spare scipy its float sorts.
-    NaN when undefined."""
+    which have the same order and ties (so the same statistic), with the pairs in y's order (the
+    statistic does not depend on the pairs' order): scipy's own sorts then run on integers, the
+    first one over sorted data. NaN when undefined."""
     if len(x) < 2:
         return np.nan
+    x, y = ranking(x), ranking(y)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")  # constant input: scipy warns and returns NaN
-        return float(stats.kendalltau(ranking(x).dense, ranking(y).dense).statistic)
+        return float(stats.kendalltau(x.dense[y.order], y.group).statistic)
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -302,7 +304,8 @@ class Ranking:
     def __len__(self) -> int:
         return len(self.order)
 
-    def _per_row(self, per_group: np.ndarray) -> np.ndarray:
+    def per_row(self, per_group: np.ndarray) -> np.ndarray:
+        """[n] the value of each row's tie group, from per_group [G]."""
         out = np.empty(len(self.order), per_group.dtype)
         out[self.order] = per_group[self.group]
         return out
@@ -310,12 +313,12 @@ class Ranking:
     @property
     def midranks(self) -> np.ndarray:
         """[n] float64 rank of each row from 1, ties averaged (scipy.stats.rankdata)."""
-        return self._per_row(self.starts + (self.sizes + 1.0) / 2)
+        return self.per_row(self.starts + (self.sizes + 1.0) / 2)
 
     @property
     def ties(self) -> np.ndarray:
         """[n] float64 size of each row's tie group."""
-        return self._per_row(self.sizes.astype(np.float64))
+        return self.per_row(self.sizes.astype(np.float64))
 
     @property
     def dense(self) -> np.ndarray:
@@ -335,15 +338,15 @@ def _above_plus_half_tied(ranked: Ranking, values: np.ndarray) -> np.ndarray:
     sum over the rows tied with l (l included)."""
     sums = np.bincount(ranked.group, values[ranked.order])  # [G] per tie group
     above = sums.sum() - np.cumsum(sums)  # [G] over the groups above
-    return ranked._per_row(above + sums / 2)
+    return ranked.per_row(above + sums / 2)
 
 
 def spearman_influence(xs, y, image_pos, num_images: int):
     """Spearman rho of each score array with y, and its derivative with respect to each image's weight.
 
     xs: one or more score arrays [n] sharing the rows of y [n] (each array or its Ranking); image_pos
-    [n] the image (0..num_images-1) of each row. Spearman under integer image weights c (rows of image i repeated c[i] times) is a
-    rational function of c (weighted midranks, see RankedPool); it extends to real weights as
+    [n] the image (0..num_images-1) of each row. Spearman under integer image weights c (rows of
+    image i repeated c[i] times) is a rational function of c (weighted midranks, see RankedPool); it extends to real weights as
     `weighted_spearman` computes it. Returns (rho [K] at c = 1, which equals scipy's spearmanr, and
     grad [num_images, K] = d rho / d c[i] at c = 1; NaN where rho is undefined).
 

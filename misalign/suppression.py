@@ -75,11 +75,21 @@ def relevant_mask(gt_id, iou, kept) -> np.ndarray:
 
 
 def _best_per_gt(gt_id, iou, score, cand_id) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted unique gt ids, the row of each one's best candidate): highest iou, then score, then lowest cand_id."""
-    order = np.lexsort((cand_id, -score.astype(np.float64), -iou.astype(np.float64), gt_id))
-    sorted_gt = gt_id[order]
-    first = np.r_[True, sorted_gt[1:] != sorted_gt[:-1]] if len(order) else np.zeros(0, bool)
-    return sorted_gt[first], order[first]
+    """(sorted unique gt ids, the row of each one's best candidate): highest iou, then score, then lowest cand_id.
+
+    One integer sort by gt, then per gt the rows equal to its best iou, of those the rows equal to
+    their best score, of those the lowest cand_id (cand_ids are unique): a few passes, not a
+    four-key lexsort."""
+    rows = np.argsort(gt_id, kind="stable")  # candidate rows, by gt
+    group = gt_id[rows]
+    for key in (iou, score, -np.asarray(cand_id, np.int64)):  # each criterion keeps its groups' best rows
+        if not len(rows):
+            break
+        values = key[rows]
+        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        best = np.repeat(np.maximum.reduceat(values, starts), np.diff(np.r_[starts, len(rows)]))
+        rows, group = rows[values == best], group[values == best]
+    return group, rows
 
 
 def per_gt_table(candidates: pd.DataFrame) -> pd.DataFrame:
