@@ -128,7 +128,8 @@ def plan_nms(image_id, category_id, boxes, chunk_rows: int = CHUNK_ROWS) -> NmsP
     num = len(image_id)
     if num == 0:
         return NmsPlan(order=np.zeros(0, np.int64), call_boxes=torch.zeros((0, 4), dtype=torch.float64),
-                       starts=np.zeros(0, np.int64), ends=np.zeros(0, np.int64), singles=np.zeros(0, np.int64), span=1.0, boxes=np.zeros((0, 4)),
+                       starts=np.zeros(0, np.int64), ends=np.zeros(0, np.int64), singles=np.zeros(0, np.int64),
+                       span=1.0, boxes=np.zeros((0, 4)),
                        group_starts=np.zeros(0, np.int64))
     order, group_starts = _group_starts(image_id, category_id)
     shift = math.floor(float(boxes[:, :2].min()))  # all shifted coordinates >= 0, so offset groups never meet
@@ -161,8 +162,8 @@ def plan_nms(image_id, category_id, boxes, chunk_rows: int = CHUNK_ROWS) -> NmsP
 
 
 def _calls(plan: NmsPlan, scores, nms_thresh: float, rows=None):
-    """[n] the sorted positions taking part (every one when rows is None), and the survivors of each
-    nms call as indices into them, concatenated (ascending within a call, by score descending).
+    """([n] the sorted positions taking part (every one when rows is None), the survivors of every
+    nms call as indices into those positions, concatenated call after call).
 
     rows: [N] bool (row order), the rows that take part (None: all). It must be closed upwards in
     each group's NMS order (every row ranked above a chosen row of its group is chosen): greedy NMS

@@ -78,8 +78,8 @@ def _tally(batch: pd.DataFrame, positions: np.ndarray, num_images: int, pre_nms:
 
 def _batches(folder, columns):
     """pyarrow Tables of `columns`, one chunk each: row groups gathered, or sliced, to BATCH_ROWS rows
-    or a little more (the last one may be fewer), read in a worker thread while the caller tallies the previous batch
-    (pyarrow decodes without the GIL)."""
+    or a little more (the last one may be fewer), read in a worker thread while the caller tallies
+    the previous batch (pyarrow decodes without the GIL)."""
     def gather():
         gathered, rows = [], 0
         for table in candidate_batches(folder, columns):
