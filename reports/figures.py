@@ -13,6 +13,7 @@ a score (a probability, 0-1) on y; dashed lines at 0.5 on both axes; the paper's
 from __future__ import annotations
 
 import base64
+import logging
 import io
 import math
 import multiprocessing
@@ -34,6 +35,8 @@ from matplotlib.colors import LinearSegmentedColormap, LogNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 from misalign.counts import STAGE_TITLES  # noqa: E402
 from misalign.training import ALIGNMENT_BATCHES  # noqa: E402
@@ -539,14 +542,19 @@ def _draw_pending(index: int) -> bytes:
 def render_figures(figures) -> None:
     """Draw every figure not drawn yet: in forked processes, one figure at a time each, where the
     machine has more than one core (matplotlib draws in one thread, holding the GIL; the figures
-    are independent), else here in order. Only the PNG bytes come back."""
+    are independent), else (or when no process can be started) here in order. Only the PNG bytes
+    come back."""
     global _PENDING
     pending = [f for f in figures if f.drawn is None]
     workers = min(len(pending), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     if workers > 1 and sys.platform.startswith("linux"):  # fork: the figures' data is not copied or pickled
         _PENDING = pending
         try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+            pool = multiprocessing.get_context("fork").Pool(workers)
+        except OSError as error:  # no process to be had (a container's process limit): drawn here instead
+            log.info("figures drawn in this process: %s", error)
+        else:
+            with pool:
                 for figure, png in zip(pending, pool.map(_draw_pending, range(len(pending)), chunksize=1)):
                     figure.drawn = png
         finally:

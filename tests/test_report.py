@@ -668,7 +668,8 @@ def _recorded_ap_figure(pid_file, ap, palette):
 
 def test_figures_drawn_in_worker_processes_equal_those_drawn_here(tmp_path, monkeypatch):
     """On a multi-core Linux machine render_figures draws each figure in a forked worker; the PNG
-    bytes are those the report's own process draws, and a failing drawing fails the report."""
+    bytes are those the report's own process draws, and a failing drawing fails the report. On one
+    core, or where no process can be started, the figures are drawn here."""
     from functools import partial
 
     from reports import figures as F
@@ -694,8 +695,22 @@ def test_figures_drawn_in_worker_processes_equal_those_drawn_here(tmp_path, monk
     assert str(os.getpid()) not in workers and len(pids.read_text().split()) == 3
     with pytest.raises(ValueError, match="a drawing that fails"):
         F.render_figures(figures(aps[0], None))
-    pids.unlink()
     monkeypatch.setattr(F.os, "sched_getaffinity", lambda pid: {0})  # one core: drawn here, in order
-    alone = figures(*aps)
-    F.render_figures(alone)
-    assert [f.png for f in alone] == here and set(pids.read_text().split()) == {str(os.getpid())}
+    assert _rendered_here(figures(*aps), pids) == here
+    monkeypatch.setattr(F.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(F.multiprocessing, "get_context", _refused)  # no process to be had: drawn here too
+    assert _rendered_here(figures(*aps), pids) == here
+
+
+def _rendered_here(figures, pids) -> list[bytes]:
+    """render_figures' PNGs, checking that this process drew every one."""
+    from reports.figures import render_figures
+
+    pids.unlink(missing_ok=True)
+    render_figures(figures)
+    assert set(pids.read_text().split()) == {str(os.getpid())}
+    return [f.png for f in figures]
+
+
+def _refused(method):
+    raise OSError("[Errno 11] Resource temporarily unavailable")
