@@ -225,7 +225,7 @@ def _kernel_iou(first: np.ndarray, later: np.ndarray) -> np.ndarray:
         return inter / ((area_first + area_later) - inter)
 
 
-PAIR_BATCH = 1 << 22  # (survivor, suppressed) pairs whose IoU is computed at once (~300 MB of temporaries)
+PAIR_BATCH = 1 << 21  # (survivor, suppressed) pairs whose IoU is computed at once (~150 MB of temporaries)
 
 
 def _ragged_arange(counts: np.ndarray) -> np.ndarray:

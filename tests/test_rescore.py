@@ -352,9 +352,13 @@ def test_ap_of_every_ranking_equals_pycocotools_on_the_reference_kept_set(ledger
     assert 0 < result.ap_lost < result.ap_gap_to_oracle_ranking and result.ap_gap_to_oracle_ranking > 0.05
 
 
-def test_oracle_nms_matches_a_plain_loop_of_iou_guided_nms(conf):
+@pytest.mark.parametrize("pair_batch", [None, 7])  # 7: who-suppressed-whom's pairs in many small batches
+def test_oracle_nms_matches_a_plain_loop_of_iou_guided_nms(conf, pair_batch, monkeypatch):
+    import misalign.nms
     from misalign.rescore import nms_settings, oracle_nms_kept
 
+    if pair_batch:
+        monkeypatch.setattr(misalign.nms, "PAIR_BATCH", pair_batch)
     ledger, _ = conf
     c = ledger.candidates
     settings = nms_settings(ledger.meta)
