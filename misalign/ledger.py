@@ -718,10 +718,12 @@ class CandidateChecker:
         # A suppressor must be a survivor (suppressed_by -1): search the few survivors, not every row.
         survivors = np.flatnonzero(sup == -1)
         named = sup[rows]
-        order = None if ascending else np.argsort(ids[survivors])
-        pos = np.clip(np.searchsorted(ids[survivors], named, sorter=order), 0, max(len(survivors) - 1, 0))
-        target = survivors[pos if order is None else order[pos]] if len(survivors) else np.zeros(len(rows), np.intp)
-        found = (ids[target] == named) if len(survivors) else np.zeros(len(rows), bool)  # [S] names a survivor
+        target, found = np.zeros(len(rows), np.intp), np.zeros(len(rows), bool)  # [S] row named, and a survivor?
+        if len(survivors):
+            order = None if ascending else np.argsort(ids[survivors])
+            pos = np.minimum(np.searchsorted(ids[survivors], named, sorter=order), len(survivors) - 1)
+            target = survivors[pos if order is None else order[pos]]
+            found = ids[target] == named
         bad = np.zeros(len(ids), bool)
         if not found.all():  # the error path: which of the two problems, at its first row
             bad[rows[~np.isin(named, ids)]] = True
