@@ -175,14 +175,14 @@ def bootstrap_method_for(pool_rows: int, num_resamples: int, method: str = "auto
     return "exact" if pool_rows * num_resamples <= EXACT_BOOTSTRAP_BUDGET else "linear"
 
 
-def _spearman_bootstrap(xs, y, img, image_ids, counts_matrix, method="auto", rankings=None):
+def _spearman_bootstrap(xs, y, img, image_ids, counts_matrix, rankings, method="auto"):
     """Spearman rho of each score array of xs against y (rows of images img) on the full pool [K],
     on every resample [B, K], and the replicates' method ('exact' or 'linear'). rankings: (xs'
-    Rankings, y's), when the caller has them."""
+    Rankings, y's)."""
     method = bootstrap_method_for(len(y), len(counts_matrix), method)
     image_pos = np.searchsorted(image_ids, img)
     if method == "linear":
-        point, grad = spearman_influence(*(rankings or (xs, y)), image_pos, len(image_ids))  # point: scipy's
+        point, grad = spearman_influence(*rankings, image_pos, len(image_ids))  # point: scipy's
         return point, linear_replicates(point, grad, counts_matrix), method
     ranked = RankedPool(xs, y, image_pos, len(image_ids))
     point = ranked.spearman(np.ones(len(image_ids)))  # equals scipy's spearmanr on the pool
@@ -230,7 +230,7 @@ def _correlations(candidates, columns, image_ids, counts_matrix, min_iou, min_co
         xs = [candidates[column].to_numpy()[rows].astype(np.float64) for column in group]
         x_ranks, y_ranks = [Ranking(x) for x in xs], Ranking(y)
         kendall = _run(workers, _kendall_taus, x_ranks, y_ranks)
-        point, reps, used = _spearman_bootstrap(xs, y, img, image_ids, counts_matrix, method, (x_ranks, y_ranks))
+        point, reps, used = _spearman_bootstrap(xs, y, img, image_ids, counts_matrix, (x_ranks, y_ranks), method)
         tables = per_gt_spearman_columns(x_ranks, y_ranks, gt, img, min_count)
         if "score" in group and "level" in candidates.columns:
             level_rho = level_spearman(candidates["level"].to_numpy()[rows], x_ranks[group.index("score")], y_ranks)
