@@ -88,7 +88,8 @@ def _best_per_gt(gt_id, iou, score, cand_id) -> tuple[np.ndarray, np.ndarray]:
         values = key[rows]
         starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
         best = np.repeat(np.maximum.reduceat(values, starts), np.diff(np.r_[starts, len(rows)]))
-        rows, group = rows[values == best], group[values == best]
+        top = values == best
+        rows, group = rows[top], group[top]
     return group, rows
 
 
